@@ -1,0 +1,37 @@
+"""fxslim: compiler-style structured pruning for PyTorch.
+
+The first calls a user needs::
+
+    import fxslim
+    gm = fxslim.trace(model, x)                       # torch.fx graph + shapes
+    groups = fxslim.channel_groups(model, x)          # what is coupled, what is pinned
+    small = fxslim.prune_channels(model, x, {"layer1.0.conv1": [3, 7]})
+    small = fxslim.prune(model, x, ratio=0.5, ignore=["fc"])
+    print(fxslim.compare({"original": model, "pruned": small}, x))
+"""
+
+from fxslim.errors import (
+    FxslimError,
+    PassContractError,
+    PinnedChannelsError,
+    PlanMismatchError,
+    TraceError,
+    UnsupportedOpError,
+)
+from fxslim.graph.analysis import analyze, channel_groups
+from fxslim.graph.coupling import ChannelGroup, CouplingGraph, Member
+from fxslim.graph.rules import register_rule
+from fxslim.graph.trace import trace
+from fxslim.passes.base import Pass, PassManager, PassResult
+from fxslim.passes.policy import prune
+from fxslim.passes.prune import PrunePlan, apply_plan, make_plan, prune_channels
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "trace", "analyze", "channel_groups", "prune_channels", "prune", "register_rule",
+    "make_plan", "apply_plan", "PrunePlan", "ChannelGroup", "CouplingGraph", "Member",
+    "Pass", "PassManager", "PassResult",
+    "FxslimError", "TraceError", "UnsupportedOpError", "PinnedChannelsError", "PlanMismatchError",
+    "PassContractError",
+]

@@ -1,0 +1,36 @@
+"""Typed errors. Every error fxslim raises derives from `FxslimError`."""
+
+from __future__ import annotations
+
+__all__ = [
+    "FxslimError",
+    "TraceError",
+    "UnsupportedOpError",
+    "PinnedChannelsError",
+    "PlanMismatchError",
+    "PassContractError",
+]
+
+
+class FxslimError(Exception):
+    """Root of every error fxslim raises."""
+
+
+class TraceError(FxslimError):
+    """The model could not be traced by torch.fx or its shapes could not be propagated."""
+
+
+class UnsupportedOpError(FxslimError):
+    """An op has no coupling rule and the requested operation needs one."""
+
+
+class PinnedChannelsError(FxslimError):
+    """The requested channels belong to a pinned (unprunable) channel group."""
+
+
+class PlanMismatchError(FxslimError):
+    """A pruning request or plan does not match the model it is applied to."""
+
+
+class PassContractError(FxslimError):
+    """Pass author: a pass broke its contract (missing requirement, failed invariant)."""

@@ -1,0 +1,96 @@
+"""Channel analysis: run the rule table over a traced graph and build the coupling graph."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import torch.fx as fx
+from torch import nn
+
+from fxslim.graph import rules as R
+from fxslim.graph.coupling import Builder, ChannelGroup, CouplingGraph
+from fxslim.graph.trace import trace
+
+__all__ = ["analyze", "channel_groups"]
+
+logger = logging.getLogger(__name__)
+
+
+def analyze(gm: fx.GraphModule) -> CouplingGraph:
+    """Build the channel-coupling graph of a traced module (needs `tensor_meta` on nodes).
+
+    Args:
+        gm: a GraphModule from `fxslim.trace`.
+
+    Returns:
+        The `CouplingGraph`, whose `groups` are the channel groups.
+    """
+    b = Builder(gm)
+    modules = dict(gm.named_modules())
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            R.couple_placeholder(b, node)
+            continue
+        if node.op == "get_attr":
+            R.couple_get_attr(b, node)
+            continue
+        if node.op == "output":
+            R.couple_output(b, node)
+            continue
+        mod = modules.get(node.target) if node.op == "call_module" else None
+        has_tensor_out = node.meta.get("tensor_meta") is not None
+        rule = R.lookup_rule(node, mod)
+        if rule is None:
+            key = node.target if node.op == "call_function" else f"method:{node.target}"
+            if not has_tensor_out and (node.op != "call_module") and (
+                key in R.SHAPE_QUERIES or not _tensor_args(b, node)
+            ):
+                b.out[node] = None  # shape arithmetic, asserts: no channels involved
+                continue
+            logger.info("no rule for %s; pinning what it touches", node.format_node())
+            R.couple_unknown(b, node, mod)
+            continue
+        rule.couple(b, node, mod, node.target if mod is not None else None)
+    return b.finish()
+
+
+def _tensor_args(b: Builder, node: fx.Node) -> list:
+    out = []
+    fx.node.map_aggregate(
+        (node.args, node.kwargs),
+        lambda a: out.append(a) if isinstance(a, fx.Node) and b.out.get(a) is not None else None,
+    )
+    return out
+
+
+def channel_groups(
+    model: nn.Module | fx.GraphModule,
+    example_inputs: Any,
+    *,
+    leaf_modules: Iterable[type] = (),
+    leaf_paths: Iterable[str] = (),
+) -> list[ChannelGroup]:
+    """The channel groups of a model: what can be pruned together, and what is pinned and why.
+
+    Args:
+        model: an nn.Module (traced here) or a GraphModule from `fxslim.trace`.
+        example_inputs: a tensor or tuple of tensors for the forward pass.
+
+    Returns:
+        A list of `ChannelGroup` in graph order.
+
+    Example:
+        >>> groups = fxslim.channel_groups(resnet18(), torch.randn(1, 3, 64, 64))
+        >>> [g.size for g in groups if g.prunable][:3]
+        [64, 64, 64]
+    """
+    gm = model if _has_meta(model) else trace(model, example_inputs, leaf_modules=leaf_modules, leaf_paths=leaf_paths)
+    return analyze(gm).groups
+
+
+def _has_meta(model: Any) -> bool:
+    return isinstance(model, fx.GraphModule) and all(
+        "tensor_meta" in n.meta for n in model.graph.nodes if n.op == "placeholder"
+    )

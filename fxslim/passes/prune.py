@@ -1,0 +1,258 @@
+"""Physical channel removal.
+
+A removal names, per channel group, the units to drop. It becomes a `PrunePlan`: for
+every member (parameter or buffer, dim) the indices it keeps. Applying the plan to a
+copy of the traced module slices every member with ``index_select``, updates module
+attributes (``out_channels``, ``groups``, ``num_heads`` ...), rewrites the literal sizes
+left in the graph (view shapes, split sections, slice bounds, layer_norm shapes), then
+re-propagates shapes: a producer/consumer mismatch fails there, not in the user's hands.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fxslim.errors import PinnedChannelsError, PlanMismatchError
+from fxslim.graph import rules as R
+from fxslim.graph.coupling import ChannelGroup, CouplingGraph, Member, iter_spaces
+from fxslim.graph.trace import as_input_tuple, propagate_shapes
+from fxslim.passes.base import Pass, PassResult
+
+__all__ = ["PrunePlan", "make_plan", "apply_plan", "PruneChannelsPass", "prune_channels", "find_member"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PrunePlan:
+    """What a prune keeps.
+
+    Attributes:
+        removed: group id -> sorted unit ordinals removed from that group.
+        keep: (target, dim) -> kept indices along dim, for every member that changes.
+        class_removed: coupling class -> boolean mask of removed elements.
+    """
+
+    removed: dict[int, list[int]]
+    keep: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
+    class_removed: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+
+    @property
+    def n_removed(self) -> int:
+        return sum(len(u) for u in self.removed.values())
+
+
+def make_plan(cg: CouplingGraph, removal: Mapping[int, Iterable[int]], *, allow_pinned: bool = False) -> PrunePlan:
+    """Turn {group id: units to remove} into a `PrunePlan`.
+
+    Raises:
+        PinnedChannelsError: a group is pinned (the message says why).
+        PlanMismatchError: unknown group or unit, or a group would be emptied.
+    """
+    removed: dict[int, list[int]] = {}
+    class_removed: dict[int, np.ndarray] = {}
+    members: dict[Member, int] = {}
+    for gid, units in removal.items():
+        units = sorted({int(u) for u in units})
+        if not units:
+            continue
+        if not 0 <= gid < len(cg.groups):
+            raise PlanMismatchError(f"no channel group {gid} (the model has {len(cg.groups)})")
+        grp = cg.groups[gid]
+        if not grp.prunable and not allow_pinned:
+            raise PinnedChannelsError(f"channel group {gid} ({grp.root.target}) is pinned: {grp.reason}")
+        if units[0] < 0 or units[-1] >= grp.size:
+            raise PlanMismatchError(f"group {gid} has {grp.size} channels; asked to remove {units}")
+        if len(units) >= grp.size:
+            raise PlanMismatchError(f"removing all {grp.size} channels of group {gid} would empty it")
+        removed[gid] = units
+        u = np.asarray(units, dtype=np.int64)
+        for c, unit_of in grp.unit_of.items():
+            mask = np.isin(unit_of, u)
+            class_removed[c] = class_removed[c] | mask if c in class_removed else mask
+        members.update(grp.member_class)
+    keep: dict[tuple[str, int], np.ndarray] = {}
+    for m, c in members.items():
+        mask = class_removed.get(c)
+        if mask is None or not mask.any():
+            continue
+        kept = np.nonzero(~mask)[0]
+        if len(kept) == 0:
+            raise PlanMismatchError(f"the plan removes every channel of {m.target} dim {m.dim}")
+        keep[(m.target, m.dim)] = kept
+    return PrunePlan(removed, keep, class_removed)
+
+
+def _set_tensor(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
+    owner_path, _, name = target.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    old = getattr(owner, name)
+    if isinstance(old, nn.Parameter):
+        setattr(owner, name, nn.Parameter(value, requires_grad=old.requires_grad))
+    else:
+        owner._buffers[name] = value
+
+
+def _get_tensor(gm: nn.Module, target: str) -> torch.Tensor:
+    owner_path, _, name = target.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    return getattr(owner, name)
+
+
+def apply_plan(gm: fx.GraphModule, cg: CouplingGraph, plan: PrunePlan, example_inputs: Any) -> fx.GraphModule:
+    """Apply `plan` to a deep copy of `gm` (the analysed module) and return the copy."""
+    new = copy.deepcopy(gm)
+    by_target: dict[str, list[tuple[int, np.ndarray]]] = defaultdict(list)
+    for (target, dim), kept in plan.keep.items():
+        by_target[target].append((dim, kept))
+    with torch.no_grad():
+        for target, cuts in by_target.items():
+            t = _get_tensor(new, target).detach()
+            for dim, kept in cuts:
+                t = t.index_select(dim, torch.as_tensor(kept, device=t.device))
+            _set_tensor(new, target, t.contiguous())
+    modules = dict(new.named_modules())
+    changed_modules = {t.rpartition(".")[0] for t in by_target}
+    for path in sorted(changed_modules):
+        mod = modules.get(path)
+        if mod is None:
+            continue
+        sync = R.sync_of(mod)
+        if sync is not None:
+            sync(mod)
+    _fix_literals(new, gm, cg, plan)
+    new.recompile()
+    new.graph.lint()
+    propagate_shapes(new, as_input_tuple(example_inputs))
+    return new
+
+
+def _fix_literals(new: fx.GraphModule, old: fx.GraphModule, cg: CouplingGraph, plan: PrunePlan) -> None:
+    b = cg.builder
+    old_nodes = {n.name: n for n in old.graph.nodes}
+    modules = dict(new.named_modules())
+
+    def spaces(node: fx.Node) -> Any:
+        return b.out.get(old_nodes[node.name])
+
+    def new_sizes(node: fx.Node, idx: int | None) -> tuple[int, ...]:
+        sp = spaces(node)
+        if idx is not None:
+            sp = sp[idx]
+        return tuple(cg.new_size(s, plan.class_removed) for s in sp)
+
+    def kept(node: fx.Node, d: int) -> np.ndarray | None:
+        s = spaces(node)[d]
+        mask = plan.class_removed.get(int(cg.class_of[s]))
+        return None if mask is None else ~mask
+
+    for node in new.graph.nodes:
+        if node.op not in ("call_function", "call_method"):
+            continue
+        rule = R.lookup_rule(node, modules.get(node.target) if node.op == "call_module" else None)
+        if rule is None or rule.fix_literals is None:
+            continue
+        touched = [s for a in node.all_input_nodes for s in iter_spaces(spaces(a))]
+        touched += list(iter_spaces(spaces(node)))
+        if any(int(cg.class_of[s]) in plan.class_removed for s in touched):
+            rule.fix_literals(node, new_sizes, kept)
+
+
+def find_member(cg: CouplingGraph, gm: fx.GraphModule, layer: str) -> tuple[Member, list[ChannelGroup]]:
+    """The output-channel member of `layer` and the groups its channels belong to."""
+    cands = [m for g in cg.groups for m in g.members if m.role == "out" and m.module == layer]
+    if not cands:
+        try:
+            gm.get_submodule(layer)
+        except AttributeError:
+            raise PlanMismatchError(f"the model has no layer '{layer}'") from None
+        raise PlanMismatchError(
+            f"layer '{layer}' produces no channels fxslim can prune (no weight rows in any group)"
+        )
+    weight = [m for m in cands if m.target.endswith(".weight")]
+    member = (weight or cands)[0]
+    groups = [g for g in cg.groups if member in g.member_class]
+    return member, groups
+
+
+class PruneChannelsPass(Pass):
+    """Remove output channels of named layers and everything coupled to them.
+
+    Args:
+        cg: the coupling graph of the module the pass will run on.
+        request: {layer path: output-channel indices}.
+        example_inputs: used to re-propagate shapes after the rewrite.
+    """
+
+    def __init__(self, cg: CouplingGraph, request: Mapping[str, Iterable[int]], example_inputs: Any):
+        self.cg, self.request, self.example_inputs = cg, request, example_inputs
+        self.plan: PrunePlan | None = None
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        removal: dict[int, set[int]] = defaultdict(set)
+        for layer, idx in self.request.items():
+            idx = sorted({int(i) for i in idx})
+            member, groups = find_member(self.cg, gm, layer)
+            size = _get_tensor(gm, member.target).shape[member.dim]
+            if idx and (idx[0] < 0 or idx[-1] >= size):
+                raise PlanMismatchError(f"layer '{layer}' has {size} output channels; asked for {idx}")
+            covered: set[int] = set()
+            for grp in groups:
+                units = grp.units_of(member, idx)
+                units = units[units >= 0]
+                if len(units) == 0:
+                    continue
+                if not grp.prunable:
+                    raise PinnedChannelsError(
+                        f"channels {idx} of '{layer}' cannot be pruned: {grp.reason}"
+                    )
+                covered |= set(grp.channels_of(member, units).tolist())
+                removal[grp.id] |= set(units.tolist())
+            extra = sorted(covered - set(idx))
+            if extra:
+                raise PlanMismatchError(
+                    f"channels {idx} of '{layer}' are coupled to its channels {extra} "
+                    f"(one unit: a conv group or an attention head); include them too"
+                )
+        self.plan = make_plan(self.cg, removal)
+        before = sum(p.numel() for p in gm.parameters())
+        new = apply_plan(gm, self.cg, self.plan, self.example_inputs)
+        after = sum(p.numel() for p in new.parameters())
+        return PassResult(new, before != after, {"plan": self.plan, "params_before": before, "params_after": after})
+
+
+def prune_channels(model: nn.Module, example_inputs: Any, request: Mapping[str, Iterable[int]], **trace_kwargs) -> fx.GraphModule:
+    """Remove output channels of layers, and everything coupled to them, physically.
+
+    Args:
+        model: the model (left untouched).
+        example_inputs: a tensor or tuple of tensors.
+        request: {layer path: output-channel indices to remove}, e.g.
+            ``{"layer1.0.conv1": [3, 7]}``.
+
+    Returns:
+        A new, smaller GraphModule that runs, traces again and can be pruned again.
+
+    Raises:
+        PinnedChannelsError: the channels belong to a pinned group (the reason says why).
+        PlanMismatchError: unknown layer, out-of-range index, or indices that split a unit.
+
+    Example:
+        >>> small = fxslim.prune_channels(resnet18(), x, {"layer1.0.conv1": [3, 7]})
+    """
+    from fxslim.graph.analysis import analyze  # noqa: PLC0415
+    from fxslim.graph.trace import trace  # noqa: PLC0415
+
+    gm = trace(model, example_inputs, **trace_kwargs)
+    cg = analyze(gm)
+    return PruneChannelsPass(cg, request, example_inputs)(gm).module

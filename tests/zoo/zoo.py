@@ -1,0 +1,62 @@
+"""The torchvision zoo as test material: every classification model, random init, eval mode."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torchvision
+
+ZOO = torchvision.models.list_models(module=torchvision.models)
+
+# smallest input each family accepts (fixed-size position embeddings, window partitions)
+_SIZE = {"vit": 224, "maxvit": 224, "inception": 96, "swin": 64}
+
+
+def input_size(name: str) -> int:
+    for prefix, s in _SIZE.items():
+        if name.startswith(prefix):
+            return s
+    return 64
+
+
+def head_of(model: torch.nn.Module) -> str:
+    """Path of the classifier's last Linear/Conv (the 'head' left whole by prune)."""
+    last = None
+    for n, m in model.named_modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            last = n
+    return last
+
+
+def build(name: str, seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = torchvision.models.get_model(name).eval()
+    _randomise_norms(model, seed)
+    s = input_size(name)
+    x = torch.randn(2, 3, s, s, generator=torch.Generator().manual_seed(seed))
+    return model, x
+
+
+def _randomise_norms(model: torch.nn.Module, seed: int) -> None:
+    """Non-trivial BN statistics and affines, so that wrong slicing cannot hide."""
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+
+
+def random_removal(cg, rng: np.random.Generator, share: float = 0.25, stat_ok: bool = False):
+    """Pick ~share of the units of every prunable group (only stat-free groups by default)."""
+    removal = {}
+    for grp in cg.groups:
+        if not grp.prunable or (grp.stat and not stat_ok):
+            continue
+        n = max(1, min(grp.size - 1, int(round(share * grp.size))))
+        removal[grp.id] = sorted(rng.choice(grp.size, size=n, replace=False).tolist())
+    return removal
