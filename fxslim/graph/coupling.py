@@ -139,6 +139,9 @@ class Builder:
         self.member_space: dict[tuple[str, int], int] = {}
         self.out: dict[fx.Node, Any] = {}
         self.touched_modules: set[str] = set()
+        # spaces whose size follows the input's shape (batch, spatial): graph size
+        # arguments for them stay symbolic, all others become literals after a prune
+        self.dynamic: set[int] = set()
 
     # -- spaces ---------------------------------------------------------------------------
     def new(self, size: int, label: str, pin: str | None = None) -> int:
@@ -150,9 +153,12 @@ class Builder:
             self.pins[sid] = pin
         return sid
 
-    def fresh(self, shape: tuple[int, ...], label: str, pin: str | None) -> list[int]:
+    def fresh(self, shape: tuple[int, ...], label: str, pin: str | None, dynamic: bool = False) -> list[int]:
         """New spaces for every dim of a tensor of `shape`."""
-        return [self.new(s, f"{label}:{d}", pin) for d, s in enumerate(shape)]
+        out = [self.new(s, f"{label}:{d}", pin) for d, s in enumerate(shape)]
+        if dynamic:
+            self.dynamic.update(out)
+        return out
 
     def find(self, s: int) -> int:
         parent = self.parent
@@ -244,6 +250,7 @@ class CouplingGraph:
         self.class_of: list[int] = []
         self.node_spaces: dict[str, Any] = {}
         self.builder: Builder | None = None
+        self.dynamic_classes: set[int] = set()
 
     @classmethod
     def build(cls, b: Builder) -> CouplingGraph:
@@ -266,6 +273,7 @@ class CouplingGraph:
         for s, reason in b.pins.items():
             pin_reason.setdefault(int(roots[s]), reason)
         stat_classes = {int(roots[s]) for s in b.stat}
+        cg.dynamic_classes = {int(roots[s]) for s in b.dynamic}
         members: dict[int, list[Member]] = defaultdict(list)
         for s, ms in b.members.items():
             members[int(roots[s])].extend(ms)
@@ -377,6 +385,10 @@ class CouplingGraph:
                 if m.target == target and m.dim == dim:
                     return grp
         return None
+
+    def is_dynamic(self, space: int) -> bool:
+        """True when the space's size follows the input's shape (batch, spatial dims)."""
+        return int(self.class_of[space]) in self.dynamic_classes
 
     def new_size(self, space: int, removed: dict[int, np.ndarray]) -> int:
         """Size of a space after removing the masked elements of its class."""

@@ -38,7 +38,7 @@ class Rule:
         sync: after slicing, brings a module's attributes in line with its new
             parameter shapes: ``sync(mod)``. None for functions and parameter-free ops.
         fix_literals: after slicing, rewrites literal sizes in the node's arguments:
-            ``fix_literals(node, new_sizes, kept)``.
+            ``fix_literals(node, new_sizes, kept, dynamic)``.
     """
 
     couple: Callable
@@ -67,7 +67,7 @@ def register_rule(key: Any, couple: Callable, sync: Callable | None = None,
         couple: ``couple(b, node, mod, path)``; see the helpers in this module
             (`elementwise`, `same_as_input`) for the common cases.
         sync: optional ``sync(mod)`` to update module attributes after slicing.
-        fix_literals: optional ``fix_literals(node, new_sizes, kept)``.
+        fix_literals: optional ``fix_literals(node, new_sizes, kept, dynamic)``.
 
     Example:
         >>> register_rule(MySwish, elementwise)  # output channels == input channels
@@ -172,6 +172,7 @@ def _keep_except(b: Builder, node: fx.Node, x: fx.Node, new_dims: dict[int, int]
     out = list(b.out[x])
     for d in new_dims:
         out[d] = b.new(shape[d], f"{node.name}:{d}", pin)
+        b.dynamic.add(out[d])
     b.out[node] = out
 
 
@@ -196,15 +197,15 @@ def couple_placeholder(b: Builder, node: fx.Node) -> None:
     if shape is None:
         b.out[node] = None
         return
-    b.out[node] = _fresh_struct(b, shape, node.name, f"model input '{node.target}'")
+    b.out[node] = _fresh_struct(b, shape, node.name, f"model input '{node.target}'", dynamic=True)
 
 
-def _fresh_struct(b: Builder, shape: Any, label: str, pin: str) -> Any:
+def _fresh_struct(b: Builder, shape: Any, label: str, pin: str, dynamic: bool = False) -> Any:
     if shape is None:
         return None
     if isinstance(shape, tuple):
-        return b.fresh(shape, label, pin)
-    return [_fresh_struct(b, s, f"{label}.{i}", pin) for i, s in enumerate(shape)]
+        return b.fresh(shape, label, pin, dynamic)
+    return [_fresh_struct(b, s, f"{label}.{i}", pin, dynamic) for i, s in enumerate(shape)]
 
 
 def couple_get_attr(b: Builder, node: fx.Node) -> None:
@@ -275,6 +276,7 @@ def couple_conv(b: Builder, node: fx.Node, mod: nn.Module, path: str) -> None:
     out.append(oc)
     spin = f"spatial dim of {where(node, b.gm)}"
     out += [b.new(s, f"{path}:sp{d}", spin) for d, s in enumerate(shape[cdim + 1 :])]
+    b.dynamic.update(out[cdim + 1 :])
     ic = xs[cdim]
     g = mod.groups
     if g == 1:
@@ -309,9 +311,9 @@ def couple_conv_transpose(b: Builder, node: fx.Node, mod: nn.Module, path: str) 
     b.module_members(oc, path, mod, [("weight", 1, "out"), ("bias", 0, "out")])
     b.member(xs[cdim], "param", f"{path}.weight", 0, "in")
     spin = f"spatial dim of {where(node, b.gm)}"
-    b.out[node] = list(xs[:cdim]) + [oc] + [
-        b.new(s, f"{path}:sp{d}", spin) for d, s in enumerate(shape[cdim + 1 :])
-    ]
+    sp = [b.new(s, f"{path}:sp{d}", spin) for d, s in enumerate(shape[cdim + 1 :])]
+    b.dynamic.update(sp)
+    b.out[node] = list(xs[:cdim]) + [oc] + sp
 
 
 def sync_conv_transpose(mod: nn.Module) -> None:
@@ -545,7 +547,7 @@ def couple_split(b: Builder, node: fx.Node, mod=None, path=None) -> None:
     b.out[node] = outs
 
 
-def fix_split(node: fx.Node, new_sizes: Callable, kept: Callable) -> None:
+def fix_split(node: fx.Node, new_sizes: Callable, kept: Callable, dynamic: Callable) -> None:
     """Sections become explicit lists of the kept sizes (chunk turns into split)."""
     sizes = [new_sizes(node, i) for i in range(len(node.meta["tensor_meta"]))]
     old = [tuple(t.shape) for t in node.meta["tensor_meta"]]
@@ -624,7 +626,7 @@ def couple_getitem(b: Builder, node: fx.Node, mod=None, path=None) -> None:
     b.out[node] = out
 
 
-def fix_getitem(node: fx.Node, new_sizes: Callable, kept: Callable) -> None:
+def fix_getitem(node: fx.Node, new_sizes: Callable, kept: Callable, dynamic: Callable) -> None:
     """Slice bounds on pruned dims move to the kept positions."""
     x, idx = node.args
     if not isinstance(x, fx.Node) or not isinstance(x.meta.get("tensor_meta"), torch.fx.passes.shape_prop.TensorMetadata):
@@ -694,6 +696,7 @@ def couple_reshape(b: Builder, node: fx.Node, mod=None, path=None) -> None:
     out_shape = _shape(node)
     loc = where(node, b.gm)
     out: list[int | None] = [None] * len(out_shape)
+    dyn = {b.find(s) for s in b.dynamic}
     groups = _view_groups(a, out_shape)
     if groups is None:
         b.pin_struct(xs, f"reshape not understood at {loc}")
@@ -714,6 +717,8 @@ def couple_reshape(b: Builder, node: fx.Node, mod=None, path=None) -> None:
                     b.pin(xs[d], f"merged with another channel dim by {loc}")
             else:
                 b.pin(flat, f"merge of pinned dims at {loc}")
+            if any(b.find(xs[d]) in dyn for d in gi):
+                b.dynamic.add(flat)
             out[gj[0]] = flat
         elif len(gi) == 1:  # split
             src = xs[gi[0]]
@@ -726,24 +731,30 @@ def couple_reshape(b: Builder, node: fx.Node, mod=None, path=None) -> None:
                     b.link(src, f, s, f // inner)
                 else:
                     s = b.new(out_shape[d], f"{node.name}:{d}", f"split off by {loc}")
+                if b.find(src) in dyn:
+                    b.dynamic.add(s)
                 out[d] = s
         else:
             for d in gi:
                 b.pin(xs[d], f"reshape mixes dims at {loc}")
             for d in gj:
                 out[d] = b.new(out_shape[d], f"{node.name}:{d}", f"reshape mixes dims at {loc}")
+                b.dynamic.add(out[d])
     for d, s in enumerate(out):
         if s is None:
             out[d] = b.new(out_shape[d], f"{node.name}:{d}", f"size-1 dim from {loc}")
     b.out[node] = out
 
 
-def fix_shape_args(node: fx.Node, new_sizes: Callable, kept: Callable) -> None:
-    """view/reshape/expand: sizes of changed dims become literals of the new size."""
+def fix_shape_args(node: fx.Node, new_sizes: Callable, kept: Callable, dynamic: Callable) -> None:
+    """view/reshape/expand: sizes of channel dims become literals of the new size.
+
+    Sizes computed in the graph from channel counts (``c // groups``) would be stale,
+    so every non-dynamic dim gets a literal; batch and spatial dims stay symbolic.
+    """
     old = tuple(node.meta["tensor_meta"].shape)
     new = new_sizes(node, None)
-    if tuple(new) == old:
-        return
+    dyn = dynamic(node)
     args = list(node.args)
     packed = len(args) == 2 and isinstance(args[1], (tuple, list))
     if node.op == "call_function" and node.target in (torch.reshape,):
@@ -751,15 +762,19 @@ def fix_shape_args(node: fx.Node, new_sizes: Callable, kept: Callable) -> None:
     shape = list(args[1]) if packed else args[1:]
     if not shape and "shape" in node.kwargs:
         shape = list(node.kwargs["shape"])
-        for d, (o, n) in enumerate(zip(old, new)):
-            if o != n and shape[d] != -1:
-                shape[d] = n
+        _literal_sizes(shape, old, new, dyn)
         node.kwargs = {**node.kwargs, "shape": tuple(shape)}
         return
-    for d, (o, n) in enumerate(zip(old, new)):
-        if o != n and shape[d] != -1:
-            shape[d] = n
+    _literal_sizes(shape, old, new, dyn)
     node.args = (args[0], tuple(shape)) if packed else (args[0], *shape)
+
+
+def _literal_sizes(shape: list, old: tuple, new: tuple, dyn: list[bool]) -> None:
+    for d, (o, n) in enumerate(zip(old, new)):
+        if isinstance(shape[d], int) and shape[d] == -1:
+            continue
+        if o != n or (isinstance(shape[d], fx.Node) and not dyn[d]):
+            shape[d] = n
 
 
 def couple_flatten_fn(b: Builder, node: fx.Node, mod=None, path=None) -> None:
@@ -1027,7 +1042,7 @@ def couple_layer_norm_fn(b: Builder, node: fx.Node, mod=None, path=None) -> None
             b.union(xs[-1], b.out[t][0])
 
 
-def fix_layer_norm_fn(node: fx.Node, new_sizes: Callable, kept: Callable) -> None:
+def fix_layer_norm_fn(node: fx.Node, new_sizes: Callable, kept: Callable, dynamic: Callable) -> None:
     x = node.args[0]
     n = new_sizes(x, None)[-1]
     args = list(node.args)

@@ -156,6 +156,9 @@ def _fix_literals(new: fx.GraphModule, old: fx.GraphModule, cg: CouplingGraph, p
         mask = plan.class_removed.get(int(cg.class_of[s]))
         return None if mask is None else ~mask
 
+    def dynamic(node: fx.Node) -> list[bool]:
+        return [cg.is_dynamic(s) for s in spaces(node)]
+
     for node in new.graph.nodes:
         if node.op not in ("call_function", "call_method"):
             continue
@@ -165,7 +168,7 @@ def _fix_literals(new: fx.GraphModule, old: fx.GraphModule, cg: CouplingGraph, p
         touched = [s for a in node.all_input_nodes for s in iter_spaces(spaces(a))]
         touched += list(iter_spaces(spaces(node)))
         if any(int(cg.class_of[s]) in plan.class_removed for s in touched):
-            rule.fix_literals(node, new_sizes, kept)
+            rule.fix_literals(node, new_sizes, kept, dynamic)
 
 
 def find_member(cg: CouplingGraph, gm: fx.GraphModule, layer: str) -> tuple[Member, list[ChannelGroup]]:

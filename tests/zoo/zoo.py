@@ -49,6 +49,9 @@ def _randomise_norms(model: torch.nn.Module, seed: int) -> None:
                 if m.weight is not None:
                     m.weight.copy_(torch.rand(n, generator=g) + 0.5)
                     m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+        for name, p in model.named_parameters():
+            if name.endswith("layer_scale"):  # 1e-6 at init would hide the blocks
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
 
 
 def random_removal(cg, rng: np.random.Generator, share: float = 0.25, stat_ok: bool = False):

@@ -1,0 +1,368 @@
+"""Every rule of the table, on a hand-made model, through both oracles."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxslim
+from fxslim.passes.prune import PruneChannelsPass
+from tests.helpers import check_oracles
+
+torch.manual_seed(0)
+
+
+def cbr(i, o, k=3, g=1):
+    return nn.Sequential(nn.Conv2d(i, o, k, padding=k // 2, groups=g), nn.BatchNorm2d(o), nn.ReLU())
+
+
+def _randomise(model):
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model
+
+
+class Residual(nn.Module):
+    """add, mul, sub residuals; sigmoid gate; in-place relu."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = cbr(3, 16)
+        self.a, self.b, self.c = cbr(16, 16), cbr(16, 16), cbr(16, 16)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.a(x)
+        x = x * torch.sigmoid(self.b(x))
+        x = F.relu(x - self.c(x))
+        return self.head(x)
+
+
+class Norms(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3)
+        self.gn = nn.GroupNorm(4, 16)
+        self.c2 = nn.Conv2d(16, 12, 3)
+        self.inorm = nn.InstanceNorm2d(12, affine=True)
+        self.c3 = nn.Conv2d(12, 8, 1)
+        self.ln = nn.LayerNorm(8)
+        self.fc = nn.Linear(8, 5)
+        self.c1d = nn.Conv1d(4, 6, 3)
+        self.bn1d = nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        y = self.inorm(self.c2(F.gelu(self.gn(self.c1(x)))))
+        y = self.c3(y).mean((2, 3))
+        y = self.fc(self.ln(y))
+        z = self.bn1d(self.c1d(x[:, :, 0, :4].reshape(x.shape[0], 4, -1) if False else y[:, :4, None].expand(-1, -1, 5)))
+        return y, z
+
+
+class Pools(nn.Module):
+    """max/avg/adaptive/global pooling, dropout, identity, spatial mean/sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = cbr(3, 16)
+        self.mp, self.ap = nn.MaxPool2d(2), nn.AvgPool2d(2)
+        self.c2 = cbr(16, 24)
+        self.ad = nn.AdaptiveAvgPool2d(2)
+        self.drop, self.idt = nn.Dropout(0.2), nn.Identity()
+        self.c3 = nn.Conv2d(24, 20, 1)
+        self.fc = nn.Linear(20, 3)
+
+    def forward(self, x):
+        x = self.ap(self.mp(self.c1(x)))
+        x = self.idt(self.drop(self.ad(self.c2(x))))
+        x = F.max_pool2d(self.c3(x), 1)
+        return self.fc(x.mean((2, 3)) + x.sum(dim=[2, 3]) + F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class CatSplit(nn.Module):
+    """cat with offsets, split with sections, chunk, getitem slices, unbind."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = cbr(3, 8), cbr(3, 12)
+        self.c = cbr(20, 16)
+        self.d1, self.d2 = cbr(6, 10), cbr(10, 10)
+        self.e = cbr(8, 8)
+        self.f = nn.Conv2d(10 + 8 + 8, 6, 1)
+
+    def forward(self, x):
+        y = self.c(torch.cat([self.a(x), self.b(x)], dim=1))
+        p, q = torch.split(y, [6, 10], dim=1)
+        r = self.d1(p) + self.d2(q)
+        u, v = y.chunk(2, dim=1)
+        w = self.e(u) * v
+        s = y[:, 8:]
+        return self.f(torch.cat([r, w, s], 1))
+
+
+class FlattenLinear(nn.Module):
+    """flatten/view/reshape into Linear: strided maps and literal sizes."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = cbr(3, 8)
+        self.fc1 = nn.Linear(8 * 4 * 4, 32)
+        self.fc2 = nn.Linear(32, 16)
+        self.b = cbr(3, 6)
+        self.fc3 = nn.Linear(6 * 16, 5)
+        self.fc4 = nn.Linear(16 + 5, 4)
+
+    def forward(self, x):
+        y = F.adaptive_avg_pool2d(self.a(x), 4)
+        y = self.fc1(y.view(y.size(0), 8 * 4 * 4))
+        y = self.fc2(F.relu(y)).reshape(-1, 16)
+        z = F.adaptive_avg_pool2d(self.b(x), 4)
+        z = self.fc3(torch.flatten(z, 1))
+        return self.fc4(torch.cat([y, z], -1))
+
+
+class PermuteLinear(nn.Module):
+    """permute/transpose around channel-last Linear layers (ConvNeXt style)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.ln = nn.LayerNorm(16)
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 16)
+        self.scale = nn.Parameter(torch.rand(16, 1, 1) + 0.5)
+        self.out = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        x = self.a(x)
+        y = x.permute(0, 2, 3, 1)
+        y = self.fc2(F.gelu(self.fc1(y)))
+        y = y.transpose(1, 3).transpose(2, 3)
+        return self.out(x + self.scale * y)
+
+
+class Convs(nn.Module):
+    """Conv1d, Conv3d, ConvTranspose2d, depthwise (multiplier 2) and grouped convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = cbr(3, 16)
+        self.dw = nn.Conv2d(16, 32, 3, padding=1, groups=16)
+        self.bn = nn.BatchNorm2d(32)
+        self.gc = nn.Conv2d(32, 24, 3, padding=1, groups=4)
+        self.ct = nn.ConvTranspose2d(24, 10, 2, stride=2)
+        self.c1 = nn.Conv1d(10, 12, 3)
+        self.c3 = nn.Conv3d(12, 6, 1)
+
+    def forward(self, x):
+        x = self.ct(F.relu(self.gc(F.relu(self.bn(self.dw(self.a(x)))))))
+        y = self.c1(x.flatten(2))
+        return self.c3(y[:, :, None, None, :])
+
+
+class Shuffles(nn.Module):
+    """nn.ChannelShuffle, torchvision-style view/transpose shuffle, pixel (un)shuffle."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = cbr(3, 8), cbr(3, 8)
+        self.cs = nn.ChannelShuffle(2)
+        self.c = cbr(16, 16)
+        self.ps = nn.PixelShuffle(2)
+        self.d = nn.Conv2d(4, 8, 3, padding=1)
+        self.pu = nn.PixelUnshuffle(2)
+        self.e = nn.Conv2d(32, 4, 1)
+
+    def forward(self, x):
+        y = self.cs(torch.cat([self.a(x), self.b(x)], 1))
+        n, c, h, w = y.shape
+        y = y.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, -1, h, w)
+        y = self.d(self.ps(self.c(y)))
+        return self.e(self.pu(y))
+
+
+class Tokens(nn.Module):
+    """Embedding, free parameters (class token, positional embedding), MHA by heads."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 32)
+        self.cls = nn.Parameter(torch.randn(1, 1, 32))
+        self.pos = nn.Parameter(torch.randn(1, 9, 32))
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.fc = nn.Linear(32, 64)
+        self.fc2 = nn.Linear(64, 32)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        x = x + self.attn(x, x, x, need_weights=False)[0]
+        x = x + self.fc2(F.relu(self.fc(x)))
+        return self.head(x[:, 0])
+
+
+class Shared(nn.Module):
+    """A module called twice: its weights couple both call sites."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = cbr(3, 16)
+        self.shared = cbr(16, 16)
+        self.out = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        x = self.a(x)
+        return self.out(self.shared(self.shared(x)) + x)
+
+
+IMG = torch.randn(2, 3, 16, 16)
+CASES = {
+    "residual": (Residual, IMG, 1),
+    "norms": (Norms, IMG, 3),
+    "pools": (Pools, IMG, 3),
+    "cat_split": (CatSplit, IMG, 6),
+    "flatten_linear": (FlattenLinear, IMG, 5),
+    "permute_linear": (PermuteLinear, IMG, 2),
+    "convs": (Convs, IMG, 3),
+    "shuffles": (Shuffles, IMG, 3),
+    "tokens": (Tokens, torch.randint(0, 50, (2, 8)), 2),
+    "shared": (Shared, IMG, 1),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_rule_oracles(name):
+    cls, x, n = CASES[name]
+    torch.manual_seed(0)
+    model = _randomise(cls())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for seed in range(3):
+        gm, cg, pruned = check_oracles(model, x, seed=seed, expect_prunable=n)
+        if pruned is not None:  # the result traces again and can be pruned again
+            check_oracles(pruned, x, seed=seed + 10, expect_prunable=1)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "the user's model was modified"
+
+
+def test_grouped_conv_keeps_groups_whole():
+    model = Convs().eval()
+    gm = fxslim.trace(model, IMG)
+    cg = fxslim.analyze(gm)
+    grp = cg.group_of("gc.weight", 0)
+    assert grp.size == 4 and grp.prunable  # the 4 conv groups are the units
+    small = fxslim.prune_channels(model, IMG, {"gc": list(range(6, 12))})
+    assert small.gc.groups == 3 and small.gc.out_channels == 18 and small.gc.in_channels == 24
+    with pytest.raises(fxslim.PlanMismatchError, match="coupled"):
+        fxslim.prune_channels(model, IMG, {"gc": [6]})
+    # depthwise (x2) then groups of 8: a's channels 4k..4k+3 feed dw's 8k..8k+7 and gc's group k
+    a = cg.group_of("a.0.weight", 0)
+    assert a is cg.group_of("dw.weight", 0) and a.size == 4
+    assert a.channels_of(fxslim.Member("param", "dw.weight", 0, "out"), [1]).tolist() == list(range(8, 16))
+
+
+def test_mha_prunes_whole_heads():
+    model = Tokens().eval()
+    ids = torch.randint(0, 50, (2, 8))
+    small = fxslim.prune_channels(model, ids, {"emb": list(range(8, 16))})
+    assert small.attn.num_heads == 3 and small.attn.embed_dim == 24 and small.attn.head_dim == 8
+    assert small.cls.shape == (1, 1, 24) and small.pos.shape == (1, 9, 24)
+    with torch.inference_mode():
+        assert small(ids).shape == (2, 3)
+
+
+def test_cat_offsets_map_to_the_right_producer():
+    model = CatSplit().eval()
+    gm = fxslim.trace(model, IMG)
+    cg = fxslim.analyze(gm)
+    ga, gb = cg.group_of("a.0.weight", 0), cg.group_of("b.0.weight", 0)
+    assert ga is not gb
+    # channel 2 of b is channel 8 + 2 of the cat, i.e. column 10 of c's weight
+    assert gb.channels_of(fxslim.Member("param", "c.0.weight", 1, "in"), gb.units_of(
+        fxslim.Member("param", "b.0.weight", 0, "out"), [2])).tolist() == [10]
+
+
+def test_flatten_strides_into_linear():
+    model = FlattenLinear().eval()
+    small = fxslim.prune_channels(model, IMG, {"a.0": [1, 5]})
+    assert small.fc1.in_features == 6 * 16
+    ref = model.fc1.weight.detach().view(32, 8, 16)[:, [0, 2, 3, 4, 6, 7]].reshape(32, -1)
+    assert torch.equal(small.fc1.weight.detach(), ref)
+
+
+def test_modified_is_computed_both_ways():
+    model = Residual().eval()
+    gm = fxslim.trace(model, IMG)
+    cg = fxslim.analyze(gm)
+    res = PruneChannelsPass(cg, {}, IMG)(gm)
+    assert res.modified is False
+    res = PruneChannelsPass(cg, {"a.0": [0, 1]}, IMG)(gm)
+    assert res.modified is True
+    res.module.graph.lint()
+    assert res.module.get_submodule("a.0").out_channels == 14
+
+
+class Unsupported(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = cbr(3, 8), cbr(8, 8)
+        self.c = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        y = torch.cumsum(y, dim=1)  # no rule: mixes channels
+        return self.c(self.b(y))
+
+
+def test_unknown_op_pins_and_reports():
+    model = Unsupported().eval()
+    gm = fxslim.trace(model, IMG)
+    cg = fxslim.analyze(gm)
+    ga = cg.group_of("a.0.weight", 0)
+    assert not ga.prunable
+    assert "cumsum" in ga.reason and "node cumsum" in ga.reason
+    gb = cg.group_of("b.0.weight", 0)
+    assert gb.prunable
+    with pytest.raises(fxslim.PinnedChannelsError, match="cumsum"):
+        fxslim.prune_channels(model, IMG, {"a.0": [0]})
+    check_oracles(model, IMG, expect_prunable=1)  # the rest still prunes, exactly
+
+
+def test_register_rule_for_user_module():
+    class Swish(nn.Module):
+        def forward(self, x):
+            return x * torch.sigmoid(x)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.act, self.b = nn.Conv2d(3, 8, 1), Swish(), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            return self.b(self.act(self.a(x)))
+
+    from fxslim.graph.rules import RULES, elementwise
+
+    gm = fxslim.trace(M(), IMG, leaf_modules=[Swish])
+    assert not fxslim.analyze(gm).group_of("a.weight", 0).prunable
+    fxslim.register_rule(Swish, elementwise)
+    try:
+        assert fxslim.analyze(gm).group_of("a.weight", 0).prunable
+    finally:
+        del RULES[Swish]
+
+
+def test_prune_ratio_on_handmade():
+    model = Residual().eval()
+    small = fxslim.prune(model, IMG, 0.5, ignore=["head"])
+    assert small.get_submodule("stem.0").out_channels == 8 and small.get_submodule("a.0").out_channels == 8
+    assert small.head.out_channels == 4
+    np.testing.assert_equal(small(IMG).shape, (2, 4, 16, 16))
