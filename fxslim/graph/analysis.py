@@ -42,13 +42,12 @@ def analyze(gm: fx.GraphModule) -> CouplingGraph:
         mod = modules.get(node.target) if node.op == "call_module" else None
         has_tensor_out = node.meta.get("tensor_meta") is not None
         rule = R.lookup_rule(node, mod)
-        if rule is None:
+        if not has_tensor_out and node.op != "call_module":
             key = node.target if node.op == "call_function" else f"method:{node.target}"
-            if not has_tensor_out and (node.op != "call_module") and (
-                key in R.SHAPE_QUERIES or not _tensor_args(b, node)
-            ):
+            if key in R.SHAPE_QUERIES or not _tensor_args(b, node):
                 b.out[node] = None  # shape arithmetic, asserts: no channels involved
                 continue
+        if rule is None:
             logger.info("no rule for %s; pinning what it touches", node.format_node())
             R.couple_unknown(b, node, mod)
             continue

@@ -836,12 +836,16 @@ def couple_expand(b: Builder, node: fx.Node, mod=None, path=None) -> None:
     shape = _shape(node)
     off = len(shape) - len(xsh)
     loc = where(node, b.gm)
-    out = [b.new(shape[d], f"{node.name}:{d}", f"expanded dim at {loc}") for d in range(off)]
-    for d, (s, n) in enumerate(zip(xs, xsh)):
-        if n == shape[d + off]:
-            out.append(s)
-        else:
-            out.append(b.new(shape[d + off], f"{node.name}:{d + off}", f"expanded dim at {loc}"))
+    sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+    out = []
+    for d in range(len(shape)):
+        if d >= off and xsh[d - off] == shape[d]:
+            out.append(xs[d - off])
+            continue
+        s = b.new(shape[d], f"{node.name}:{d}", f"expanded dim at {loc}")
+        if d < len(sizes) and isinstance(sizes[d], fx.Node):  # e.g. the batch size
+            b.dynamic.add(s)
+        out.append(s)
     b.out[node] = out
 
 

@@ -54,6 +54,7 @@ class FxslimTracer(fx.Tracer):
         self.leaf_modules = tuple(leaf_modules)
         self.leaf_paths = set(leaf_paths)
         self.path_stack: list[str] = []
+        self.failed_path: str | None = None  # innermost module being traced when it failed
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self.leaf_modules and isinstance(m, self.leaf_modules):
@@ -67,6 +68,10 @@ class FxslimTracer(fx.Tracer):
         self.path_stack.append(path)
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_path is None:
+                self.failed_path = path
+            raise
         finally:
             self.path_stack.pop()
 
@@ -120,8 +125,7 @@ def trace(
         try:
             graph = tracer.trace(model, concrete_args=concrete_args)
         except Exception as exc:
-            where = tracer.path_stack[-1] if tracer.path_stack else "<top level>"
-            where = where or "<top level>"
+            where = tracer.failed_path or "<top level>"
             raise TraceError(
                 f"torch.fx cannot trace module '{where}' ({type(exc).__name__}: {exc}).\n"
                 f"  at {_user_frame(exc)}\n"

@@ -22,9 +22,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxslim.errors import PinnedChannelsError, PlanMismatchError
+from fxslim.errors import PassContractError, PinnedChannelsError, PlanMismatchError, TraceError
 from fxslim.graph import rules as R
-from fxslim.graph.coupling import ChannelGroup, CouplingGraph, Member, iter_spaces
+from fxslim.graph.coupling import ChannelGroup, CouplingGraph, Member
 from fxslim.graph.trace import as_input_tuple, propagate_shapes
 from fxslim.passes.base import Pass, PassResult
 
@@ -133,7 +133,12 @@ def apply_plan(gm: fx.GraphModule, cg: CouplingGraph, plan: PrunePlan, example_i
     _fix_literals(new, gm, cg, plan)
     new.recompile()
     new.graph.lint()
-    propagate_shapes(new, as_input_tuple(example_inputs))
+    try:
+        propagate_shapes(new, as_input_tuple(example_inputs))
+    except TraceError as exc:
+        raise PassContractError(
+            f"pass author: the pruned graph no longer runs (a producer/consumer size disagrees): {exc}"
+        ) from exc
     return new
 
 
@@ -165,10 +170,8 @@ def _fix_literals(new: fx.GraphModule, old: fx.GraphModule, cg: CouplingGraph, p
         rule = R.lookup_rule(node, modules.get(node.target) if node.op == "call_module" else None)
         if rule is None or rule.fix_literals is None:
             continue
-        touched = [s for a in node.all_input_nodes for s in iter_spaces(spaces(a))]
-        touched += list(iter_spaces(spaces(node)))
-        if any(int(cg.class_of[s]) in plan.class_removed for s in touched):
-            rule.fix_literals(node, new_sizes, kept, dynamic)
+        # always: a size argument may be computed from a pruned dim elsewhere in the graph
+        rule.fix_literals(node, new_sizes, kept, dynamic)
 
 
 def find_member(cg: CouplingGraph, gm: fx.GraphModule, layer: str) -> tuple[Member, list[ChannelGroup]]:

@@ -52,6 +52,8 @@ def _randomise_norms(model: torch.nn.Module, seed: int) -> None:
         for name, p in model.named_parameters():
             if name.endswith("layer_scale"):  # 1e-6 at init would hide the blocks
                 p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            elif p.dim() > 1 and not p.any():  # zero-initialised heads hide everything
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
 
 def random_removal(cg, rng: np.random.Generator, share: float = 0.25, stat_ok: bool = False):

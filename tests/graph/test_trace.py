@@ -1,0 +1,87 @@
+"""Tracing, shape metadata, and typed errors for bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fxslim
+
+
+class Gate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            return self.conv(x)
+        return x
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.block = Gate()
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.block(self.bn(self.stem(x))))
+
+
+X = torch.randn(2, 3, 8, 8)
+
+
+def test_untraceable_names_module_line_and_way_out():
+    with pytest.raises(fxslim.TraceError) as info:
+        fxslim.trace(Net(), X)
+    msg = str(info.value)
+    assert "'block'" in msg and "test_trace.py" in msg and "x.sum() > 0" in msg
+    assert "leaf" in msg and "concrete_args" in msg
+
+
+def test_leaf_module_way_out_is_correct_and_pinned():
+    model = Net().eval()
+    gm = fxslim.trace(model, X, leaf_paths=["block"])
+    stem = fxslim.analyze(gm).group_of("stem.weight", 0)
+    assert not stem.prunable and "Gate at 'block'" in stem.reason
+    with torch.inference_mode():
+        assert torch.equal(gm(X), model(X))
+
+
+def test_shapes_on_every_node_and_model_untouched():
+    model = Net()
+    model.block = nn.Identity()
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gm = fxslim.trace(model, X)
+    for n in gm.graph.nodes:
+        if n.op != "output":
+            assert n.meta["tensor_meta"].shape is not None, n.name
+    assert gm.training  # mode is kept
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BN stats too
+    small = fxslim.prune_channels(model, X, {"stem": [0, 1]})
+    assert small.stem.out_channels == 6 and model.stem.out_channels == 8
+
+
+def test_bad_inputs_raise_typed_errors():
+    model = Net()
+    model.block = nn.Identity()
+    with pytest.raises(fxslim.TraceError, match="example_inputs"):
+        fxslim.trace(model, "not a tensor")
+    with pytest.raises(fxslim.TraceError, match="does not run"):
+        fxslim.trace(model, torch.randn(2, 5, 8, 8))
+    with pytest.raises(fxslim.PlanMismatchError, match="no layer 'nope'"):
+        fxslim.prune_channels(model, X, {"nope": [0]})
+    with pytest.raises(fxslim.PlanMismatchError, match="8 output channels"):
+        fxslim.prune_channels(model, X, {"stem": [8]})
+    with pytest.raises(fxslim.PinnedChannelsError, match="model output"):
+        fxslim.prune_channels(model, X, {"head": [0]})
+    with pytest.raises(fxslim.PlanMismatchError, match="empty"):
+        fxslim.prune_channels(model, X, {"stem": list(range(8))})
+    with pytest.raises(fxslim.PlanMismatchError, match="ratio"):
+        fxslim.prune(model, X, ratio=1.5)
+    assert issubclass(fxslim.PinnedChannelsError, fxslim.FxslimError)
