@@ -15,11 +15,11 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata, _extract_tensor_metadata
 
 from fxslim.errors import TraceError
 
-__all__ = ["trace", "as_input_tuple", "node_shapes", "FxslimTracer"]
+__all__ = ["trace", "as_input_tuple", "node_shapes", "FxslimTracer", "copy_structure", "propagate_shapes"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,11 +94,12 @@ def trace(
     leaf_paths: Iterable[str] = (),
     concrete_args: dict[str, Any] | None = None,
     autowrap_functions: Iterable = (),
+    share_weights: bool = False,
 ) -> fx.GraphModule:
     """Trace `model` with torch.fx and record shape and dtype on every node.
 
-    The user's model is not modified: the returned GraphModule owns deep copies of
-    the parameters.
+    The user's model is not modified: the returned GraphModule owns copies of its
+    modules and (unless `share_weights`) of its parameters.
 
     Args:
         model: the model to trace (its train/eval mode is kept).
@@ -107,6 +108,9 @@ def trace(
         leaf_paths: qualified names of modules to keep whole.
         concrete_args: passed to torch.fx to specialise Python control flow.
         autowrap_functions: free functions to record as single call_function nodes.
+        share_weights: reuse the model's parameter tensors instead of copying them (for
+            passes that never write to them in place, such as pruning, which copies
+            whatever it keeps).
 
     Returns:
         A GraphModule whose nodes carry `meta["tensor_meta"]`.
@@ -119,7 +123,7 @@ def trace(
     """
     inputs = as_input_tuple(example_inputs)
     if isinstance(model, fx.GraphModule):
-        gm = copy.deepcopy(model)
+        gm = copy_structure(model) if share_weights else copy.deepcopy(model)
     else:
         tracer = FxslimTracer(leaf_modules, leaf_paths, autowrap_functions)
         try:
@@ -133,10 +137,19 @@ def trace(
                 f"leaf_modules=[ItsClass]), or pass concrete_args to fix Python control flow."
             ) from exc
         name = type(model).__name__
-        gm = fx.GraphModule(copy.deepcopy(model), graph, class_name=name)
+        root = copy_structure(model) if share_weights else copy.deepcopy(model)
+        gm = fx.GraphModule(root, graph, class_name=name)
         gm.train(model.training)
     propagate_shapes(gm, inputs)
     return gm
+
+
+def copy_structure(model: nn.Module) -> nn.Module:
+    """Deep copy of the module tree that shares parameter and buffer tensors."""
+    memo: dict[int, Any] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        memo[id(t)] = t
+    return copy.deepcopy(model, memo)
 
 
 def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
@@ -152,13 +165,97 @@ def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
         gm.train(was_training)
 
 
+_SHAPE_KEEPING = (
+    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
+    nn.Identity, nn.Dropout, nn.Dropout2d, nn.LeakyReLU, nn.Mish,
+)
+
+
+class _MetaProp(fx.Interpreter):
+    """torch.fx ShapeProp without its deep copy: parameters become fake on the fly.
+
+    Common layers (norms, activations, Linear, Conv) are not run (fake kernels cost
+    milliseconds each): their output shape comes from a formula, after a check that the
+    channel counts agree.
+    """
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        found = False
+
+        def extract(obj: Any) -> Any:
+            nonlocal found
+            if isinstance(obj, torch.Tensor):
+                found = True
+                return _extract_tensor_metadata(obj)
+            return obj
+
+        meta = fx.node.map_aggregate(result, extract)
+        if found:
+            n.meta["tensor_meta"] = meta
+        else:
+            n.meta.pop("tensor_meta", None)
+        n.meta["type"] = type(result)
+        return result
+
+    def call_module(self, target: str, args: Any, kwargs: Any) -> Any:
+        mod = self.fetch_attr(target)
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and not kwargs and len(args) == 1:
+            shape = _fast_shape(target, mod, x)
+            if shape is not None:
+                return x.new_empty(shape)
+        return super().call_module(target, args, kwargs)
+
+
+def _fast_shape(target: str, mod: nn.Module, x: torch.Tensor) -> tuple[int, ...] | None:
+    """Output shape of common layers by formula, after checking their channel counts."""
+    t = type(mod)
+    if t in _SHAPE_KEEPING:
+        return tuple(x.shape)
+    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        _expect(target, x.dim() >= 2 and x.shape[1] == mod.num_features, mod.num_features, x)
+        return tuple(x.shape)
+    if t is nn.LayerNorm:
+        ns = tuple(mod.normalized_shape)
+        _expect(target, tuple(x.shape[-len(ns):]) == ns, ns, x)
+        if mod.weight is not None:
+            _expect(target, tuple(mod.weight.shape) == ns, ns, x)
+        return tuple(x.shape)
+    if t is nn.Linear:
+        _expect(target, x.dim() >= 1 and x.shape[-1] == mod.in_features == mod.weight.shape[1], mod.in_features, x)
+        return (*x.shape[:-1], mod.weight.shape[0])
+    if t in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and isinstance(mod.padding, tuple) and mod.padding_mode == "zeros":
+        nsp = mod.weight.dim() - 2
+        if x.dim() != nsp + 2:
+            return None
+        w = mod.weight
+        _expect(target, x.shape[1] == w.shape[1] * mod.groups == mod.in_channels, mod.in_channels, x)
+        _expect(target, w.shape[0] % mod.groups == 0, mod.out_channels, x)
+        sp = [
+            (x.shape[2 + i] + 2 * mod.padding[i] - mod.dilation[i] * (mod.kernel_size[i] - 1) - 1)
+            // mod.stride[i] + 1
+            for i in range(nsp)
+        ]
+        return (x.shape[0], w.shape[0], *sp)
+    return None
+
+
+def _expect(target: str, ok: bool, want: Any, x: torch.Tensor) -> None:
+    if not ok:
+        raise TraceError(f"'{target}' expects {want} channels but gets a tensor of shape {tuple(x.shape)}")
+
+
+
 def _propagate(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
     try:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         mode = FakeTensorMode(allow_non_fake_inputs=True)
-        fake_inputs = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs]
-        ShapeProp(gm, fake_mode=mode).propagate(*fake_inputs)
+        with mode:
+            fake_inputs = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs]
+            with torch.no_grad():
+                _MetaProp(gm).run(*fake_inputs)
         return
     except Exception as exc:  # fake kernels are missing for some ops: fall back to a real run
         logger.info("fake shape propagation failed (%s); running one real forward", exc)

@@ -8,6 +8,7 @@ the mean over its indices and the sum over members.
 from __future__ import annotations
 
 import numpy as np
+import torch
 from torch import nn
 
 from fxslim.graph.coupling import ChannelGroup
@@ -15,15 +16,25 @@ from fxslim.graph.coupling import ChannelGroup
 __all__ = ["l1_importance"]
 
 
-def l1_importance(gm: nn.Module, group: ChannelGroup) -> np.ndarray:
-    """Per-unit L1-magnitude importance of `group`, shape (group.size,)."""
+def l1_importance(gm: nn.Module, group: ChannelGroup, cache: dict | None = None) -> np.ndarray:
+    """Per-unit L1-magnitude importance of `group`, shape (group.size,).
+
+    Args:
+        cache: optional dict reused across groups, so that each (tensor, dim) reduction
+            runs once even when the tensor is a member of many groups (DenseNet).
+    """
     score = np.zeros(group.size, dtype=np.float64)
     for m in group.members:
         if m.kind != "param":
             continue
-        t = gm.get_parameter(m.target).detach()
-        dims = [d for d in range(t.dim()) if d != m.dim]
-        per_index = (t.abs().sum(dim=dims) if dims else t.abs()).double().cpu().numpy()
+        key = (m.target, m.dim)
+        per_index = cache.get(key) if cache is not None else None
+        if per_index is None:
+            t = gm.get_parameter(m.target).detach()
+            dims = [d for d in range(t.dim()) if d != m.dim]
+            per_index = torch.linalg.vector_norm(t, 1, dim=dims).double().cpu().numpy() if dims else t.abs().double().cpu().numpy()
+            if cache is not None:
+                cache[key] = per_index
         units = group.unit_of[group.member_class[m]]
         ok = units >= 0
         sums = np.bincount(units[ok], weights=per_index[ok], minlength=group.size)

@@ -49,15 +49,22 @@ def uniform_removal(
         raise PlanMismatchError(f"ratio must be in [0, 1), got {ratio}")
     ignore = set(ignore)
     removal: dict[int, list[int]] = {}
+    cache: dict = {}
     for grp in cg.groups:
         if not grp.prunable or _ignored(grp, ignore):
             continue
         n = min(int(np.floor(ratio * grp.size)), grp.size - 1)
         if n <= 0:
             continue
-        scores = np.asarray(importance(gm, grp), dtype=np.float64)
+        scores = np.asarray(_score(importance, gm, grp, cache), dtype=np.float64)
         removal[grp.id] = sorted(np.argsort(scores, kind="stable")[:n].tolist())
     return removal
+
+
+def _score(importance: Callable, gm: nn.Module, grp: ChannelGroup, cache: dict) -> np.ndarray:
+    if importance is l1_importance:  # per-tensor reductions are shared between groups
+        return l1_importance(gm, grp, cache)
+    return importance(gm, grp)
 
 
 class UniformPrunePass(Pass):
@@ -107,6 +114,6 @@ def prune(
     """
     names = {id(m): n for n, m in model.named_modules()}
     paths = [names.get(id(i), "") if isinstance(i, nn.Module) else str(i) for i in ignore]
-    gm = trace(model, example_inputs, **trace_kwargs)
+    gm = trace(model, example_inputs, share_weights=True, **trace_kwargs)
     cg = analyze(gm)
     return UniformPrunePass(cg, example_inputs, ratio, paths, importance)(gm).module

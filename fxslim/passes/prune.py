@@ -25,7 +25,7 @@ from torch import nn
 from fxslim.errors import PassContractError, PinnedChannelsError, PlanMismatchError, TraceError
 from fxslim.graph import rules as R
 from fxslim.graph.coupling import ChannelGroup, CouplingGraph, Member
-from fxslim.graph.trace import as_input_tuple, propagate_shapes
+from fxslim.graph.trace import as_input_tuple, copy_structure, propagate_shapes
 from fxslim.passes.base import Pass, PassResult
 
 __all__ = ["PrunePlan", "make_plan", "apply_plan", "PruneChannelsPass", "prune_channels", "find_member"]
@@ -111,7 +111,7 @@ def _get_tensor(gm: nn.Module, target: str) -> torch.Tensor:
 
 def apply_plan(gm: fx.GraphModule, cg: CouplingGraph, plan: PrunePlan, example_inputs: Any) -> fx.GraphModule:
     """Apply `plan` to a deep copy of `gm` (the analysed module) and return the copy."""
-    new = copy.deepcopy(gm)
+    new = copy_structure(gm)  # tensors shared until sliced or cloned below
     by_target: dict[str, list[tuple[int, np.ndarray]]] = defaultdict(list)
     for (target, dim), kept in plan.keep.items():
         by_target[target].append((dim, kept))
@@ -121,6 +121,15 @@ def apply_plan(gm: fx.GraphModule, cg: CouplingGraph, plan: PrunePlan, example_i
             for dim, kept in cuts:
                 t = t.index_select(dim, torch.as_tensor(kept, device=t.device))
             _set_tensor(new, target, t.contiguous())
+        # whatever was not sliced is still the analysed module's tensor: own a copy
+        shared = {id(x) for x in list(gm.parameters()) + list(gm.buffers())}
+        for owner in new.modules():
+            for name, p in list(owner._parameters.items()):
+                if p is not None and id(p) in shared:
+                    owner._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+            for name, buf in list(owner._buffers.items()):
+                if buf is not None and id(buf) in shared:
+                    owner._buffers[name] = buf.clone()
     modules = dict(new.named_modules())
     changed_modules = {t.rpartition(".")[0] for t in by_target}
     for path in sorted(changed_modules):
@@ -259,6 +268,6 @@ def prune_channels(model: nn.Module, example_inputs: Any, request: Mapping[str, 
     from fxslim.graph.analysis import analyze  # noqa: PLC0415
     from fxslim.graph.trace import trace  # noqa: PLC0415
 
-    gm = trace(model, example_inputs, **trace_kwargs)
+    gm = trace(model, example_inputs, share_weights=True, **trace_kwargs)
     cg = analyze(gm)
     return PruneChannelsPass(cg, request, example_inputs)(gm).module

@@ -1,0 +1,89 @@
+"""Pass time, fxslim vs torch-pruning: trace + analysis + prune(ratio=0.5), side by side.
+
+Both tools get the same model (random init, eval), the same 1x3x224x224 input, the same
+ratio, L1 magnitude importance and the classifier head ignored. Runs alternate between
+the tools in one process with pinned threads; the median of `repeats` runs is reported.
+
+    python bench/prune_speed.py            # prints the markdown table
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import sys
+import time
+
+import torch
+import torchvision
+
+import fxslim
+
+MODELS = {
+    "resnet18": "fc",
+    "resnet50": "fc",
+    "mobilenet_v2": "classifier.1",
+    "densenet121": "classifier",
+    "vit_b_16": "heads.head",
+}
+
+
+def run_fxslim(model: torch.nn.Module, x: torch.Tensor, head: str) -> torch.nn.Module:
+    return fxslim.prune(model, x, 0.5, ignore=[head])
+
+
+def run_torch_pruning(model: torch.nn.Module, x: torch.Tensor, head: str) -> torch.nn.Module:
+    import torch_pruning as tp  # noqa: PLC0415
+
+    m = model  # torch-pruning edits in place: callers pass a copy
+    kw = {}
+    mha = [mm for mm in m.modules() if isinstance(mm, torch.nn.MultiheadAttention)]
+    if mha:
+        kw["num_heads"] = {mm: mm.num_heads for mm in mha}
+    pruner = tp.pruner.BasePruner(
+        m, x, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=0.5,
+        ignored_layers=[m.get_submodule(head)], **kw,
+    )
+    pruner.step()
+    return m
+
+
+def measure(name: str, repeats: int = 5) -> dict[str, float]:
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name).eval()
+    x = torch.randn(1, 3, 224, 224)
+    head = MODELS[name]
+    fx_t, tp_t = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        small = run_fxslim(model, x, head)
+        fx_t.append(time.perf_counter() - t0)
+        victim = copy.deepcopy(model)  # not timed
+        t0 = time.perf_counter()
+        run_torch_pruning(victim, x, head)
+        tp_t.append(time.perf_counter() - t0)
+    return {
+        "fxslim_s": statistics.median(fx_t),
+        "tp_s": statistics.median(tp_t),
+        "fx_params": sum(p.numel() for p in small.parameters()),
+        "tp_params": sum(p.numel() for p in victim.parameters()),
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def table(names=tuple(MODELS), repeats: int = 5) -> str:
+    torch.set_num_threads(2)
+    rows = ["| model | fxslim (s) | torch-pruning (s) | fxslim / torch-pruning | params after (fxslim / tp / original, M) |",
+            "|---|---|---|---|---|"]
+    for name in names:
+        r = measure(name, repeats)
+        rows.append(
+            f"| {name} | {r['fxslim_s']:.2f} | {r['tp_s']:.2f} | {r['fxslim_s'] / r['tp_s']:.2f} | "
+            f"{r['fx_params'] / 1e6:.2f} / {r['tp_params'] / 1e6:.2f} / {r['params'] / 1e6:.2f} |"
+        )
+        print(rows[-1], file=sys.stderr, flush=True)
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(table(sys.argv[1:] or tuple(MODELS)))

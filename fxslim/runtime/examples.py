@@ -1,0 +1,86 @@
+"""Built-in offline material: scikit-learn's handwritten digits and a small ResNet for them.
+
+The digits are 1797 real 8x8 grey images (0..16) of the ten digits; they ship with
+scikit-learn, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+__all__ = ["digits_loaders", "DigitsResNet", "fit", "accuracy"]
+
+
+def digits_loaders(batch_size: int = 64, seed: int = 0, val_share: float = 0.2) -> tuple[DataLoader, DataLoader]:
+    """Stratified, seeded train/validation loaders over sklearn's digits, as (N, 1, 8, 8) floats."""
+    from sklearn.datasets import load_digits  # noqa: PLC0415
+    from sklearn.model_selection import train_test_split  # noqa: PLC0415
+
+    d = load_digits()
+    x = (d.images.astype(np.float32) / 16.0 - 0.5) / 0.5
+    y = d.target.astype(np.int64)
+    xtr, xva, ytr, yva = train_test_split(x, y, test_size=val_share, stratify=y, random_state=seed)
+    g = torch.Generator().manual_seed(seed)
+    train = TensorDataset(torch.from_numpy(xtr)[:, None], torch.from_numpy(ytr))
+    val = TensorDataset(torch.from_numpy(xva)[:, None], torch.from_numpy(yva))
+    return (DataLoader(train, batch_size=batch_size, shuffle=True, generator=g),
+            DataLoader(val, batch_size=256))
+
+
+def _block(c_in: int, c_out: int, stride: int = 1) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+        nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+    )
+
+
+class DigitsResNet(nn.Module):
+    """A ResNet-style CNN for 8x8 digits: two stages of residual blocks, global pool, linear head."""
+
+    def __init__(self, width: int = 64, num_classes: int = 10):
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(nn.Conv2d(1, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
+        self.block1, self.block2 = _block(w, w), _block(w, w)
+        self.down = nn.Sequential(nn.Conv2d(w, 2 * w, 1, stride=2, bias=False), nn.BatchNorm2d(2 * w))
+        self.block3, self.block4 = _block(w, 2 * w, stride=2), _block(2 * w, 2 * w)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2 * w, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = self.relu(x + self.block1(x))
+        x = self.relu(x + self.block2(x))
+        x = self.relu(self.down(x) + self.block3(x))
+        x = self.relu(x + self.block4(x))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def fit(model: nn.Module, train: DataLoader, epochs: int = 3, lr: float = 3e-3, seed: int = 0) -> nn.Module:
+    """Train with labels only (AdamW, cosine schedule); returns the model in eval mode."""
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * len(train)))
+    model.train()
+    for _ in range(epochs):
+        for x, y in train:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            sched.step()
+    return model.eval()
+
+
+@torch.inference_mode()
+def accuracy(model: nn.Module, data: DataLoader) -> float:
+    """Top-1 accuracy in [0, 1]."""
+    model.eval()
+    right = total = 0
+    for x, y in data:
+        right += (model(x).argmax(1) == y).sum().item()
+        total += len(y)
+    return right / max(total, 1)
