@@ -52,7 +52,20 @@ def analyze(gm: fx.GraphModule) -> CouplingGraph:
             R.couple_unknown(b, node, mod)
             continue
         rule.couple(b, node, mod, node.target if mod is not None else None)
+        _note_attrs_and_literals(b, node, rule)
     return b.finish()
+
+
+def _note_attrs_and_literals(b: Builder, node: fx.Node, rule: R.Rule) -> None:
+    """Report the module attributes and graph literals a prune rewrites as group members."""
+    attrs = rule.attrs(b.gm.get_submodule(node.target)) if callable(rule.attrs) else rule.attrs
+    for attr, param, dim in attrs:
+        s = b.member_space.get((f"{node.target}.{param}", dim))
+        if s is not None:
+            b.note(s, "attr", f"{node.target}.{attr}", dim)
+    if rule.fix_literals is not None:
+        for s in R.literal_spaces(b, node, rule):
+            b.note(s, "literal", node.name, -1)
 
 
 def _tensor_args(b: Builder, node: fx.Node) -> list:

@@ -46,11 +46,13 @@ class Member:
     """One tensor dim that a group's pruning changes.
 
     Attributes:
-        kind: "param" or "buffer".
+        kind: "param" or "buffer" (sliced), "attr" (a module attribute such as
+            "layer1.0.conv1.out_channels") or "literal" (a size written in a graph node's
+            arguments; target is the node name, dim the tensor dim it sizes).
         target: qualified name in the traced module (e.g. "layer1.0.conv1.weight").
         dim: the dimension that loses entries.
-        role: "out" (a producer: weight rows), "in" (a consumer: weight columns) or
-            "norm" (per-channel affine/statistics).
+        role: "out" (a producer: weight rows), "in" (a consumer: weight columns),
+            "norm" (per-channel affine/statistics), or "attr"/"literal".
     """
 
     kind: str
@@ -211,6 +213,10 @@ class Builder:
         self.members[s].append(Member(kind, target, dim, role))
         self.touched_modules.add(target.rsplit(".", 1)[0] if "." in target else "")
 
+    def note(self, s: int, kind: str, target: str, dim: int) -> None:
+        """Record a module attribute or graph literal that follows space `s` (no slicing)."""
+        self.members[s].append(Member(kind, target, dim, kind))
+
     def module_members(self, s: int, path: str, mod: nn.Module, specs: Iterable[tuple[str, int, str]]) -> None:
         """Members for module attributes that exist: specs of (attr name, dim, role)."""
         for name, dim, role in specs:
@@ -360,7 +366,8 @@ class CouplingGraph:
                 lab = labels[o : o + s]
                 unit_of[c] = np.array([ordinal.get(u, -1) for u in lab.tolist()], dtype=np.int64)
             reasons = [pin_reason[c] for c in sig if c in pin_reason]
-            root = next((m for m in ms if m.role == "out"), ms[0] if ms else None)
+            outs = [m for m in ms if m.role == "out"] or [m for m in ms if m.kind == "param"]
+            root = min(outs, key=lambda m: b.member_space.get((m.target, m.dim), 1 << 60))
             grp = ChannelGroup(
                 id=len(cg.groups),
                 size=len(order),

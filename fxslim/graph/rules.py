@@ -39,11 +39,15 @@ class Rule:
             parameter shapes: ``sync(mod)``. None for functions and parameter-free ops.
         fix_literals: after slicing, rewrites literal sizes in the node's arguments:
             ``fix_literals(node, new_sizes, kept, dynamic)``.
+        attrs: module attributes that `sync` changes, each as (attribute, parameter,
+            dim): the attribute follows that parameter dim (reported as group members);
+            or a function of the module returning them.
     """
 
     couple: Callable
     sync: Callable | None = None
     fix_literals: Callable | None = None
+    attrs: Any = ()
 
 
 RULES: dict[Any, Rule] = {}
@@ -58,7 +62,7 @@ SHAPE_QUERIES = {
 
 
 def register_rule(key: Any, couple: Callable, sync: Callable | None = None,
-                  fix_literals: Callable | None = None) -> None:
+                  fix_literals: Callable | None = None, attrs: tuple = ()) -> None:
     """Register (or replace) the coupling rule for a module type, function or method.
 
     Args:
@@ -68,11 +72,18 @@ def register_rule(key: Any, couple: Callable, sync: Callable | None = None,
             (`elementwise`, `same_as_input`) for the common cases.
         sync: optional ``sync(mod)`` to update module attributes after slicing.
         fix_literals: optional ``fix_literals(node, new_sizes, kept, dynamic)``.
+        attrs: optional (attribute, parameter, dim) triples that `sync` changes.
 
     Example:
         >>> register_rule(MySwish, elementwise)  # output channels == input channels
     """
-    RULES[key] = Rule(couple, sync, fix_literals)
+    RULES[key] = Rule(couple, sync, fix_literals, attrs if callable(attrs) else tuple(attrs))
+
+
+def literal_spaces(b: Builder, node: fx.Node, rule: Rule) -> list[int]:
+    """Spaces whose new size a rule's `fix_literals` writes into the node's arguments."""
+    fn = _LITERAL_DIMS.get(rule.fix_literals)
+    return fn(b, node) if fn is not None else []
 
 
 def lookup_rule(node: fx.Node, mod: nn.Module | None) -> Rule | None:
@@ -547,6 +558,11 @@ def couple_split(b: Builder, node: fx.Node, mod=None, path=None) -> None:
     b.out[node] = outs
 
 
+def literal_dims_split(b: Builder, node: fx.Node) -> list[int]:
+    x = node.args[0]
+    return [b.out[x][_dim(_arg(node, 2, "dim", 0), len(b.out[x]))]]
+
+
 def fix_split(node: fx.Node, new_sizes: Callable, kept: Callable, dynamic: Callable) -> None:
     """Sections become explicit lists of the kept sizes (chunk turns into split)."""
     sizes = [new_sizes(node, i) for i in range(len(node.meta["tensor_meta"]))]
@@ -624,6 +640,23 @@ def couple_getitem(b: Builder, node: fx.Node, mod=None, path=None) -> None:
         d += 1
         od += 1
     b.out[node] = out
+
+
+def literal_dims_getitem(b: Builder, node: fx.Node) -> list[int]:
+    x, idx = node.args
+    if not _is_tensor(b, x):
+        return []
+    tup = idx if isinstance(idx, tuple) else (idx,)
+    xs, out, d = b.out[x], [], 0
+    n_real = sum(1 for i in tup if i is not None and i is not Ellipsis)
+    for i in tup:
+        if i is Ellipsis:
+            d += len(xs) - n_real
+        elif i is not None:
+            if isinstance(i, slice) and (i.start, i.stop, i.step) != (None, None, None):
+                out.append(xs[d])
+            d += 1
+    return out
 
 
 def fix_getitem(node: fx.Node, new_sizes: Callable, kept: Callable, dynamic: Callable) -> None:
@@ -744,6 +777,17 @@ def couple_reshape(b: Builder, node: fx.Node, mod=None, path=None) -> None:
         if s is None:
             out[d] = b.new(out_shape[d], f"{node.name}:{d}", f"size-1 dim from {loc}")
     b.out[node] = out
+
+
+def literal_dims_shape(b: Builder, node: fx.Node) -> list[int]:
+    """Output spaces whose size is written in the graph (an int other than -1, or a value)."""
+    args = list(node.args[1:])
+    if len(args) == 1 and isinstance(args[0], (tuple, list)):
+        args = list(args[0])
+    if not args and "shape" in node.kwargs:
+        args = list(node.kwargs["shape"])
+    out = b.out.get(node) or []
+    return [s for s, a in zip(out, args) if not (isinstance(a, int) and a == -1)]
 
 
 def fix_shape_args(node: fx.Node, new_sizes: Callable, kept: Callable, dynamic: Callable) -> None:
@@ -1046,6 +1090,10 @@ def couple_layer_norm_fn(b: Builder, node: fx.Node, mod=None, path=None) -> None
             b.union(xs[-1], b.out[t][0])
 
 
+def literal_dims_layer_norm(b: Builder, node: fx.Node) -> list[int]:
+    return [b.out[node.args[0]][-1]]
+
+
 def fix_layer_norm_fn(node: fx.Node, new_sizes: Callable, kept: Callable, dynamic: Callable) -> None:
     x = node.args[0]
     n = new_sizes(x, None)[-1]
@@ -1090,22 +1138,31 @@ for _m in _ELEMENTWISE_METHODS:
 for _m in _ELEMENTWISE_MODULES:
     register_rule(_m, elementwise)
 
+def _CONV_ATTRS(mod: nn.Module) -> tuple:  # noqa: N802
+    if mod.groups == 1:
+        return (("out_channels", "weight", 0), ("in_channels", "weight", 1))
+    return (("out_channels", "weight", 0), ("groups", "weight", 0), ("in_channels", "weight", 0))
+_NORM_ATTRS = (("num_features", "weight", 0), ("num_features", "running_mean", 0))
 for _c in (nn.Conv1d, nn.Conv2d, nn.Conv3d):  # out = new space; in = weight columns
-    register_rule(_c, couple_conv, sync_conv)
+    register_rule(_c, couple_conv, sync_conv, attrs=_CONV_ATTRS)
 for _c in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
-    register_rule(_c, couple_conv_transpose, sync_conv_transpose)
-register_rule(nn.Linear, couple_linear, sync_linear)  # last dim: in -> new out
+    register_rule(_c, couple_conv_transpose, sync_conv_transpose,
+                  attrs=(("in_channels", "weight", 0), ("out_channels", "weight", 1)))
+register_rule(nn.Linear, couple_linear, sync_linear,
+              attrs=(("out_features", "weight", 0), ("in_features", "weight", 1)))  # last dim: in -> new out
 for _c in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm):
-    register_rule(_c, couple_batchnorm, sync_batchnorm)  # per-channel affine, stats
+    register_rule(_c, couple_batchnorm, sync_batchnorm, attrs=_NORM_ATTRS)  # per-channel affine, stats
 for _c in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
-    register_rule(_c, couple_instancenorm, sync_batchnorm)
-register_rule(nn.LayerNorm, couple_layernorm, sync_layernorm)  # stat over last dim
-register_rule(nn.GroupNorm, couple_groupnorm, sync_groupnorm)  # whole groups
+    register_rule(_c, couple_instancenorm, sync_batchnorm, attrs=_NORM_ATTRS)
+register_rule(nn.LayerNorm, couple_layernorm, sync_layernorm, attrs=(("normalized_shape", "weight", 0),))  # stat over last dim
+register_rule(nn.GroupNorm, couple_groupnorm, sync_groupnorm,
+              attrs=(("num_channels", "weight", 0), ("num_groups", "weight", 0)))  # whole groups
 for _c in (nn.Softmax, nn.LogSoftmax, nn.LocalResponseNorm, nn.CrossMapLRN2d):
     register_rule(_c, couple_stat_dim)  # shape-preserving statistic over one dim
-register_rule(nn.PReLU, couple_prelu, sync_prelu)
-register_rule(nn.Embedding, couple_embedding, sync_embedding)
-register_rule(nn.MultiheadAttention, couple_mha, sync_mha)  # whole heads
+register_rule(nn.PReLU, couple_prelu, sync_prelu, attrs=(("num_parameters", "weight", 0),))
+register_rule(nn.Embedding, couple_embedding, sync_embedding, attrs=(("embedding_dim", "weight", 1),))
+register_rule(nn.MultiheadAttention, couple_mha, sync_mha,
+              attrs=(("embed_dim", "in_proj_weight", 1), ("num_heads", "in_proj_weight", 1)))  # whole heads
 for _n, _cs in ((1, (nn.MaxPool1d, nn.AvgPool1d, nn.LPPool1d, nn.ConstantPad1d, nn.ZeroPad1d, nn.ReflectionPad1d, nn.ReplicationPad1d)),
                 (2, (nn.MaxPool2d, nn.AvgPool2d, nn.LPPool2d, nn.ConstantPad2d, nn.ZeroPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d)),
                 (3, (nn.MaxPool3d, nn.AvgPool3d, nn.ConstantPad3d, nn.ZeroPad3d, nn.ReflectionPad3d, nn.ReplicationPad3d))):
@@ -1175,6 +1232,14 @@ for _k in (torch.sum, "method:sum", torch.amax, "method:amax"):
 for _k in (torch.matmul, operator.matmul, "method:matmul", torch.bmm):
     register_rule(_k, couple_matmul)
 register_rule(torch.einsum, couple_einsum)
+
+
+_LITERAL_DIMS = {
+    fix_split: literal_dims_split,
+    fix_getitem: literal_dims_getitem,
+    fix_shape_args: literal_dims_shape,
+    fix_layer_norm_fn: literal_dims_layer_norm,
+}
 
 
 def _register_torchvision() -> None:

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 def _ignored(group: ChannelGroup, ignore: set[str]) -> bool:
     for m in group.members:
-        if m.role == "in":
+        if m.role == "in" or m.kind not in ("param", "buffer"):
             continue  # an ignored layer's input channels may still shrink
         mod = m.module
         if any(mod == p or mod.startswith(p + ".") for p in ignore):

@@ -83,6 +83,8 @@ def make_plan(cg: CouplingGraph, removal: Mapping[int, Iterable[int]], *, allow_
         members.update(grp.member_class)
     keep: dict[tuple[str, int], np.ndarray] = {}
     for m, c in members.items():
+        if m.kind not in ("param", "buffer"):
+            continue  # attributes and literals are rewritten from the new shapes
         mask = class_removed.get(c)
         if mask is None or not mask.any():
             continue

@@ -366,3 +366,12 @@ def test_prune_ratio_on_handmade():
     assert small.get_submodule("stem.0").out_channels == 8 and small.get_submodule("a.0").out_channels == 8
     assert small.head.out_channels == 4
     np.testing.assert_equal(small(IMG).shape, (2, 4, 16, 16))
+
+
+def test_members_report_attributes_and_literals():
+    gm = fxslim.trace(FlattenLinear().eval(), IMG)
+    grp = fxslim.analyze(gm).group_of("a.0.weight", 0)
+    kinds = {(m.kind, m.target) for m in grp.members}
+    assert ("attr", "a.0.out_channels") in kinds and ("attr", "fc1.in_features") in kinds
+    assert ("literal", "view") in kinds  # y.view(n, 8 * 4 * 4): the 128 is rewritten
+    assert ("buffer", "a.1.running_mean") in kinds and ("param", "fc1.weight") in kinds
