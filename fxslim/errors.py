@@ -9,6 +9,8 @@ __all__ = [
     "PinnedChannelsError",
     "PlanMismatchError",
     "PassContractError",
+    "ExportError",
+    "SaveLoadError",
 ]
 
 
@@ -34,3 +36,11 @@ class PlanMismatchError(FxslimError):
 
 class PassContractError(FxslimError):
     """Pass author: a pass broke its contract (missing requirement, failed invariant)."""
+
+
+class ExportError(FxslimError):
+    """ONNX export, simplification or verification failed (nothing is left at the path)."""
+
+
+class SaveLoadError(FxslimError):
+    """A saved model is corrupt, truncated, or does not match the architecture given."""

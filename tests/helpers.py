@@ -37,6 +37,7 @@ def check_oracles(model, x, seed=0, expect_prunable=1):
         assert diff <= ATOL + RTOL, f"dead-channel outputs differ by {diff:.3e} (scaled)"
         assert slicing_mismatches(gm, pruned, plan) == []
         pruned.graph.lint()
+        _runs_on_other_batch(pruned, x)
         assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in gm.parameters())
     stat = random_removal(cg, rng, stat_ok=True)
     stat = {k: v for k, v in stat.items() if cg.groups[k].stat}
@@ -53,3 +54,11 @@ def _shapes(out):
     if isinstance(out, torch.Tensor):
         return out.shape
     return [_shapes(o) for o in out]
+
+
+def _runs_on_other_batch(model, x):
+    """Sizes left in the graph must stay symbolic in the batch dim."""
+    if isinstance(x, torch.Tensor) and x.shape[0] > 1:
+        with torch.inference_mode():
+            model(x[:1])
+            model(torch.cat([x, x[:1]]))

@@ -687,31 +687,42 @@ def fix_getitem(node: fx.Node, new_sizes: Callable, kept: Callable, dynamic: Cal
 
 
 def _view_groups(a: tuple, bshape: tuple) -> list[tuple[list[int], list[int]]] | None:
-    """Pair dims of `a` and `bshape` whose products match; size-1 dims stand alone."""
-    A = [i for i, s in enumerate(a) if s != 1]
-    B = [j for j, s in enumerate(bshape) if s != 1]
+    """Pair dims of `a` and `bshape` whose products match, left to right.
+
+    A size-1 dim facing a size-1 dim is paired with it (the batch dim of a batch of one);
+    other size-1 dims are dropped (input) or new (output).
+    """
     groups, i, j = [], 0, 0
-    while i < len(A) and j < len(B):
-        gi, gj = [A[i]], [B[j]]
-        pa, pb = a[A[i]], bshape[B[j]]
-        i += 1
-        j += 1
+    while i < len(a) or j < len(bshape):
+        if i < len(a) and j < len(bshape) and a[i] == 1 and bshape[j] == 1:
+            groups.append(([i], [j]))
+            i, j = i + 1, j + 1
+            continue
+        if i < len(a) and a[i] == 1:
+            i += 1
+            continue
+        if j < len(bshape) and bshape[j] == 1:
+            j += 1
+            continue
+        if i >= len(a) or j >= len(bshape):
+            return None
+        gi, gj = [i], [j]
+        pa, pb = a[i], bshape[j]
+        i, j = i + 1, j + 1
         while pa != pb:
             if pa < pb:
-                if i >= len(A):
+                if i >= len(a):
                     return None
-                gi.append(A[i])
-                pa *= a[A[i]]
+                gi.append(i)
+                pa *= a[i]
                 i += 1
             else:
-                if j >= len(B):
+                if j >= len(bshape):
                     return None
-                gj.append(B[j])
-                pb *= bshape[B[j]]
+                gj.append(j)
+                pb *= bshape[j]
                 j += 1
         groups.append((gi, gj))
-    if i != len(A) or j != len(B):
-        return None
     return groups
 
 
@@ -883,11 +894,12 @@ def couple_expand(b: Builder, node: fx.Node, mod=None, path=None) -> None:
     sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
     out = []
     for d in range(len(shape)):
-        if d >= off and xsh[d - off] == shape[d]:
+        symbolic = d < len(sizes) and isinstance(sizes[d], fx.Node)
+        if d >= off and xsh[d - off] == shape[d] and not (shape[d] == 1 and symbolic):
             out.append(xs[d - off])
             continue
         s = b.new(shape[d], f"{node.name}:{d}", f"expanded dim at {loc}")
-        if d < len(sizes) and isinstance(sizes[d], fx.Node):  # e.g. the batch size
+        if symbolic:  # e.g. the batch size
             b.dynamic.add(s)
         out.append(s)
     b.out[node] = out

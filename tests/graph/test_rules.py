@@ -375,3 +375,28 @@ def test_members_report_attributes_and_literals():
     assert ("attr", "a.0.out_channels") in kinds and ("attr", "fc1.in_features") in kinds
     assert ("literal", "view") in kinds  # y.view(n, 8 * 4 * 4): the 128 is rewritten
     assert ("buffer", "a.1.running_mean") in kinds and ("param", "fc1.weight") in kinds
+
+
+class BatchOne(nn.Module):
+    """Sizes computed from x.shape next to literal channel counts (ViT-style)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(3, 16, 4, stride=4)
+        self.tok = nn.Parameter(torch.randn(1, 1, 16))
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        n = x.shape[0]
+        y = self.proj(x).reshape(n, 16, -1).permute(0, 2, 1)
+        y = torch.cat([self.tok.expand(n, -1, -1), y], 1)
+        return self.fc(y[:, 0])
+
+
+def test_batch_of_one_stays_symbolic():
+    model = BatchOne().eval()
+    x1 = torch.randn(1, 3, 16, 16)
+    small = fxslim.prune_channels(model, x1, {"proj": [0, 5]})
+    assert "reshape(getitem, 14" in small.code or "reshape(n, 14" in small.code or ", 14, -1)" in small.code
+    with torch.inference_mode():
+        assert small(torch.randn(5, 3, 16, 16)).shape == (5, 3)
