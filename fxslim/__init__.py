@@ -11,10 +11,12 @@ The first calls a user needs::
 """
 
 from fxslim.errors import (
+    ExportError,
     FxslimError,
     PassContractError,
     PinnedChannelsError,
     PlanMismatchError,
+    SaveLoadError,
     TraceError,
     UnsupportedOpError,
 )
@@ -24,14 +26,20 @@ from fxslim.graph.rules import register_rule
 from fxslim.graph.trace import trace
 from fxslim.passes.base import Pass, PassManager, PassResult
 from fxslim.passes.policy import prune
+from fxslim.passes.export import ExportReport, export_onnx
 from fxslim.passes.prune import PrunePlan, apply_plan, make_plan, prune_channels
+from fxslim.passes.saveload import load, save, save_pt2
+from fxslim.runtime.compare import compare
+from fxslim.runtime.measure import count_macs, count_params, measure_latency
 
 __version__ = "0.1.0"
 
 __all__ = [
     "trace", "analyze", "channel_groups", "prune_channels", "prune", "register_rule",
     "make_plan", "apply_plan", "PrunePlan", "ChannelGroup", "CouplingGraph", "Member",
+    "export_onnx", "ExportReport", "save", "load", "save_pt2",
+    "compare", "count_macs", "count_params", "measure_latency",
     "Pass", "PassManager", "PassResult",
     "FxslimError", "TraceError", "UnsupportedOpError", "PinnedChannelsError", "PlanMismatchError",
-    "PassContractError",
+    "PassContractError", "ExportError", "SaveLoadError",
 ]

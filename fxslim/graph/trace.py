@@ -7,6 +7,7 @@ run fails (an op without a fake kernel), fxslim falls back to one real forward p
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import traceback
 from collections.abc import Iterable, Sequence
@@ -19,7 +20,10 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata, _extract_tenso
 
 from fxslim.errors import TraceError
 
-__all__ = ["trace", "as_input_tuple", "node_shapes", "FxslimTracer", "copy_structure", "propagate_shapes"]
+__all__ = [
+    "trace", "as_input_tuple", "node_shapes", "FxslimTracer", "copy_structure", "propagate_shapes",
+    "fingerprint",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -140,8 +144,29 @@ def trace(
         root = copy_structure(model) if share_weights else copy.deepcopy(model)
         gm = fx.GraphModule(root, graph, class_name=name)
         gm.train(model.training)
+        gm.meta["fxslim_source"] = fingerprint(model, gm)
+        gm.meta["fxslim_inputs"] = [_input_spec(t) for t in inputs]
     propagate_shapes(gm, inputs)
     return gm
+
+
+def _input_spec(t: Any) -> dict[str, Any]:
+    if not isinstance(t, torch.Tensor):
+        raise TraceError(f"example inputs must be tensors, got {type(t).__name__}")
+    return {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+
+
+def fingerprint(model: nn.Module, gm: fx.GraphModule) -> str:
+    """sha256 of a model's architecture: module types, parameter/buffer shapes, graph ops."""
+    h = hashlib.sha256()
+    for name, mod in model.named_modules():
+        h.update(f"m:{name}:{type(mod).__qualname__};".encode())
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        h.update(f"t:{name}:{tuple(t.shape)}:{t.dtype};".encode())
+    for n in gm.graph.nodes:
+        target = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+        h.update(f"n:{n.op}:{target};".encode())
+    return h.hexdigest()
 
 
 def copy_structure(model: nn.Module) -> nn.Module:

@@ -28,7 +28,10 @@ from fxslim.graph.coupling import ChannelGroup, CouplingGraph, Member
 from fxslim.graph.trace import as_input_tuple, copy_structure, propagate_shapes
 from fxslim.passes.base import Pass, PassResult
 
-__all__ = ["PrunePlan", "make_plan", "apply_plan", "PruneChannelsPass", "prune_channels", "find_member"]
+__all__ = [
+    "PrunePlan", "make_plan", "apply_plan", "PruneChannelsPass", "prune_channels", "find_member",
+    "plan_record",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +98,33 @@ def make_plan(cg: CouplingGraph, removal: Mapping[int, Iterable[int]], *, allow_
     return PrunePlan(removed, keep, class_removed)
 
 
+def plan_record(cg: CouplingGraph, plan: PrunePlan) -> dict[str, Any]:
+    """A JSON-able record of a plan: per changed group, its root member and kept units."""
+    groups = []
+    for gid, units in sorted(plan.removed.items()):
+        grp = cg.groups[gid]
+        gone = set(units)
+        groups.append({
+            "root": grp.root.target, "dim": grp.root.dim, "nth": _nth(cg, grp), "size": grp.size,
+            "kept": [u for u in range(grp.size) if u not in gone],
+        })
+    return {"groups": groups}
+
+
+def _nth(cg: CouplingGraph, grp: ChannelGroup) -> int:
+    """Index of `grp` among the groups that share its root member (a split conv output)."""
+    same = [g.id for g in cg.groups if g.root == grp.root]
+    return same.index(grp.id)
+
+
+def find_recorded_group(cg: CouplingGraph, entry: dict[str, Any]) -> ChannelGroup | None:
+    """The group a `plan_record` entry names, or None."""
+    same = [g for g in cg.groups if g.root is not None and g.root.target == entry["root"]
+            and g.root.dim == entry["dim"]]
+    n = entry.get("nth", 0)
+    return same[n] if n < len(same) else None
+
+
 def _set_tensor(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
     owner_path, _, name = target.rpartition(".")
     owner = gm.get_submodule(owner_path) if owner_path else gm
@@ -142,6 +172,7 @@ def apply_plan(gm: fx.GraphModule, cg: CouplingGraph, plan: PrunePlan, example_i
         if sync is not None:
             sync(mod)
     _fix_literals(new, gm, cg, plan)
+    new.meta["fxslim_history"] = list(gm.meta.get("fxslim_history", [])) + [plan_record(cg, plan)]
     new.recompile()
     new.graph.lint()
     try:
