@@ -11,7 +11,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["count_params", "count_macs", "measure_latency"]
+__all__ = [
+    "count_params", "count_macs", "measure_latency", "onnx_latency", "throughput", "peak_memory_bytes",
+]
 
 
 def _tuple(x: Any) -> tuple:
@@ -73,3 +75,50 @@ def measure_latency(
         "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))],
         "runs": float(runs),
     }
+
+
+def onnx_latency(path: str, example_inputs: Any, *, threads: int = 1, warmup: int = 5, runs: int = 30) -> dict[str, float]:
+    """Median and p90 latency (ms) of an ONNX file in onnxruntime on the CPU provider."""
+    import onnxruntime as ort  # noqa: PLC0415
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(sess.get_inputs(), _tuple(example_inputs))}
+    return measure_latency(lambda: sess.run(None, feeds), warmup=warmup, runs=runs)
+
+
+def throughput(
+    model: nn.Module, make_input: Callable[[int], Any], batch_sizes: tuple[int, ...] = (1, 8, 32),
+    *, threads: int | None = None, runs: int = 10,
+) -> dict[int, float]:
+    """Samples per second of a module at each batch size (median latency based)."""
+    out = {}
+    for bs in batch_sizes:
+        lat = measure_latency(model, make_input(bs), runs=runs, warmup=2, threads=threads)
+        out[bs] = bs / (lat["median_ms"] / 1e3)
+    return out
+
+
+def peak_memory_bytes(model: nn.Module, example_inputs: Any) -> int:
+    """Peak bytes the CPU allocator holds during one forward (activations, not weights).
+
+    From torch.profiler's memory events: the running sum of allocations and frees in
+    time order, maximised.
+    """
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    xs = _tuple(example_inputs)
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model.eval()(*xs)
+    events = sorted(
+        (e for e in prof.events() if e.cpu_memory_usage and not e.cpu_children),
+        key=lambda e: e.time_range.start,
+    )
+    held = peak = 0
+    for e in events:
+        held += e.cpu_memory_usage
+        peak = max(peak, held)
+    return int(peak)

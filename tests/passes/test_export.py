@@ -1,0 +1,62 @@
+"""ONNX export pass: verification, report, and nothing half-written on failure."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import fxslim
+from fxslim.passes import export as E
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.b = nn.Conv2d(8, 8, 3, padding=1, groups=4)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = self.a(x)
+        y = y + self.b(y)
+        return self.fc(y.mean((2, 3)))
+
+
+X = torch.randn(1, 3, 16, 16)
+
+
+def test_export_verifies_pruned_model_and_dynamic_batch(tmp_path):
+    small = fxslim.prune(Small().eval(), X, 0.5)
+    rep = fxslim.export_onnx(small, X, tmp_path / "s.onnx")
+    assert rep.max_diff <= 1e-4 and rep.batch_sizes == (1, 3)
+    assert rep.nodes_after <= rep.nodes_before and rep.file_bytes == (tmp_path / "s.onnx").stat().st_size
+    proto = onnx.load(tmp_path / "s.onnx")
+    onnx.checker.check_model(proto, full_check=True)
+    inits = {i.name: i for i in proto.graph.initializer}
+    assert any(list(i.dims)[:1] == [4] for i in inits.values())  # the pruned width is in the file
+    sess = E.onnx_session(tmp_path / "s.onnx")
+    x5 = torch.randn(5, 3, 16, 16)
+    got = E.run_onnx(sess, (x5,))[0]
+    with torch.inference_mode():
+        np.testing.assert_allclose(got, small(x5).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_mismatch_is_an_error_and_leaves_nothing(tmp_path, monkeypatch):
+    real = E.run_onnx
+    monkeypatch.setattr(E, "run_onnx", lambda s, xs: [o + 1.0 for o in real(s, xs)])
+    with pytest.raises(fxslim.ExportError, match="differs from torch"):
+        fxslim.export_onnx(Small().eval(), X, tmp_path / "bad.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unexportable_model_is_a_typed_error(tmp_path):
+    class Py(nn.Module):
+        def forward(self, x):
+            return torch.linalg.eigvals(x[0, 0]).real  # no ONNX op for eigenvalues
+
+    with pytest.raises(fxslim.ExportError, match="failed"):
+        fxslim.export_onnx(Py(), X, tmp_path / "py.onnx")
+    assert list(tmp_path.iterdir()) == []
