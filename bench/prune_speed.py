@@ -4,7 +4,7 @@ Both tools get the same model (random init, eval), the same 1x3x224x224 input, t
 ratio, L1 magnitude importance and the classifier head ignored. Runs alternate between
 the tools in one process with pinned threads; the median of `repeats` runs is reported.
 
-    python bench/prune_speed.py            # prints the markdown table
+    python -m bench.prune_speed            # prints the markdown table
 """
 
 from __future__ import annotations

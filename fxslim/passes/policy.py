@@ -22,7 +22,7 @@ from fxslim.passes.base import Pass, PassResult
 from fxslim.passes.importance import l1_importance
 from fxslim.passes.prune import apply_plan, make_plan
 
-__all__ = ["uniform_removal", "UniformPrunePass", "prune"]
+__all__ = ["uniform_removal", "UniformPrunePass", "prune", "prune_to_macs"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +43,13 @@ def uniform_removal(
     ratio: float,
     ignore: Iterable[str] = (),
     importance: Callable[[nn.Module, ChannelGroup], np.ndarray] = l1_importance,
+    round_to: int = 1,
 ) -> dict[int, list[int]]:
-    """{group id: units to remove}: the `ratio` least important units of every prunable group."""
+    """{group id: units to remove}: the `ratio` least important units of every prunable group.
+
+    With `round_to` > 1, each group larger than `round_to` keeps a multiple of it (the
+    nearest to ``(1 - ratio) * size``), for SIMD-friendly widths.
+    """
     if not 0.0 <= ratio < 1.0:
         raise PlanMismatchError(f"ratio must be in [0, 1), got {ratio}")
     ignore = set(ignore)
@@ -54,6 +59,9 @@ def uniform_removal(
         if not grp.prunable or _ignored(grp, ignore):
             continue
         n = min(int(np.floor(ratio * grp.size)), grp.size - 1)
+        if round_to > 1 and grp.size > round_to:  # keep a SIMD-friendly number of units
+            keep = max(round_to, int(round((grp.size - n) / round_to)) * round_to)
+            n = grp.size - min(keep, grp.size)
         if n <= 0:
             continue
         scores = np.asarray(_score(importance, gm, grp, cache), dtype=np.float64)
@@ -71,12 +79,12 @@ class UniformPrunePass(Pass):
     """Remove the same share of units from every prunable group (see `uniform_removal`)."""
 
     def __init__(self, cg: CouplingGraph, example_inputs: Any, ratio: float, ignore: Iterable[str] = (),
-                 importance: Callable = l1_importance):
+                 importance: Callable = l1_importance, round_to: int = 1):
         self.cg, self.example_inputs, self.ratio = cg, example_inputs, ratio
-        self.ignore, self.importance = list(ignore), importance
+        self.ignore, self.importance, self.round_to = list(ignore), importance, round_to
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        removal = uniform_removal(gm, self.cg, self.ratio, self.ignore, self.importance)
+        removal = uniform_removal(gm, self.cg, self.ratio, self.ignore, self.importance, self.round_to)
         plan = make_plan(self.cg, removal)
         if not plan.keep:
             return PassResult(gm, False, {"plan": plan})
@@ -94,6 +102,7 @@ def prune(
     *,
     ignore: Iterable[str | nn.Module] = (),
     importance: Callable[[nn.Module, ChannelGroup], np.ndarray] = l1_importance,
+    round_to: int = 1,
     **trace_kwargs: Any,
 ) -> fx.GraphModule:
     """Prune every prunable channel group by `ratio`, least important (L1) units first.
@@ -105,6 +114,7 @@ def prune(
         ignore: layers (paths or module objects) whose output channels stay whole,
             e.g. the classifier head.
         importance: ``(module, group) -> scores`` (one per unit; higher is kept).
+        round_to: keep a multiple of this many units per group (e.g. 8 for SIMD widths).
 
     Returns:
         A new, smaller GraphModule.
@@ -116,4 +126,41 @@ def prune(
     paths = [names.get(id(i), "") if isinstance(i, nn.Module) else str(i) for i in ignore]
     gm = trace(model, example_inputs, share_weights=True, **trace_kwargs)
     cg = analyze(gm)
-    return UniformPrunePass(cg, example_inputs, ratio, paths, importance)(gm).module
+    return UniformPrunePass(cg, example_inputs, ratio, paths, importance, round_to)(gm).module
+
+
+def prune_to_macs(
+    model: nn.Module,
+    example_inputs: Any,
+    target: float,
+    *,
+    ignore: Iterable[str] = (),
+    tol: float = 0.02,
+    steps: int = 12,
+    round_to: int = 1,
+) -> tuple[fx.GraphModule, float]:
+    """Uniform-ratio pruning whose ratio is bisected until MACs are `target` x the original.
+
+    Returns:
+        (pruned module, the ratio used). The MACs fraction reached is within `tol` of
+        `target` when the model's prunable groups allow it, else the closest below.
+    """
+    from fxslim.runtime.measure import count_macs  # noqa: PLC0415
+
+    if not 0.0 < target < 1.0:
+        raise PlanMismatchError(f"target must be in (0, 1), got {target}")
+    gm = trace(model, example_inputs, share_weights=True)
+    cg = analyze(gm)
+    base = count_macs(gm, example_inputs)
+    lo, hi = 0.0, 0.95
+    best: tuple[fx.GraphModule, float, float] | None = None
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        res = UniformPrunePass(cg, example_inputs, mid, ignore, round_to=round_to)(gm)
+        frac = count_macs(res.module, example_inputs) / base
+        if best is None or abs(frac - target) < abs(best[2] - target):
+            best = (res.module, mid, frac)
+        if abs(frac - target) <= tol * target:
+            break
+        lo, hi = (mid, hi) if frac > target else (lo, mid)
+    return best[0], best[1]

@@ -5,6 +5,7 @@ Set FXSLIM_ZOO_REPORT=path to append one JSON line per model (groups, pins, MACs
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import os
@@ -25,7 +26,7 @@ RTOL, ATOL = 1e-4, 1e-5
 
 @pytest.mark.zoo
 @pytest.mark.parametrize("name", ZOO)
-def test_zoo_model(name):
+def test_zoo_model(name, tmp_path):
     torch.set_num_threads(2)
     model, x = build(name)
     gm = fxslim.trace(model, x)
@@ -60,6 +61,17 @@ def test_zoo_model(name):
         assert small(x[:1]).shape[0] == 1
     macs0, macs1 = count_macs(model, x[:1]), count_macs(small, x[:1])
     assert macs1 < macs0
+
+    # save -> load onto another instance (other weights) is bit-identical
+    fxslim.save(small, tmp_path / name)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    again = fxslim.load(tmp_path / name, model=other)
+    with torch.inference_mode():
+        assert torch.equal(again(x), out)
+    del other, again
 
     report = os.environ.get("FXSLIM_ZOO_REPORT")
     if report:

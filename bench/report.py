@@ -1,0 +1,77 @@
+"""Regenerate bench/README.md: machine, versions, date, and every table.
+
+    python -m bench.report            # ~25 minutes on 2 cores; run on a quiet machine
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from bench import latency, prune_speed
+
+OUT = Path(__file__).with_name("README.md")
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = [f"torch {torch.__version__}"]
+    for mod in ("torchvision", "onnxruntime", "onnx", "onnxsim", "torch_pruning"):
+        try:
+            versions.append(f"{mod} {__import__(mod).__version__}")
+        except Exception:
+            versions.append(f"{mod} (not installed)")
+    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}; " + ", ".join(versions)
+            + f"; {datetime.date.today().isoformat()}")
+
+
+def main() -> None:
+    speed = prune_speed.table()
+    lat = latency.table()
+    OUT.write_text(f"""# fxslim benchmarks
+
+Regenerate everything here with `python -m bench.report` (a quiet machine, ~25 minutes on
+2 cores). Machine: {machine()}.
+
+The pytest-benchmark suite (`python -m pytest bench`) times the same passes and
+latencies; CI runs it with `--benchmark-disable` so it cannot rot.
+
+## Pass time: fxslim vs torch-pruning
+
+trace + channel analysis + `prune(ratio=0.5)` (L1 magnitude, classifier head ignored),
+against torch-pruning's `BasePruner` (which builds its `DependencyGraph`) + `step()` at
+the same ratio, importance and ignored head. Input 1x3x224x224, random init, 2 threads,
+median of 5 alternating runs in one process (`python -m bench.prune_speed`).
+
+{speed}
+
+## CPU latency: original vs pruned
+
+Uniform pruning bisected to 1/2 and 1/4 of the original MACs, widths rounded to
+multiples of 8 (`round_to=8`; without it onnxruntime's blocked kernels can make a pruned
+model *slower*, see the notes below). Batch 1, 2 threads, medians; "eff" = speed-up /
+MACs reduction, 1.0 being the compute-bound limit (`python -m bench.latency`).
+
+{lat}
+
+## Notes
+
+- ONNX export over the whole zoo: `bench/EXPORT_ZOO.md` (`python -m bench.export_zoo`).
+- Channel groups, pins and MACs at ratio 0.5 for every zoo model: `bench/ZOO.md`
+  (`python -m bench.zoo_table`).
+""")
+
+
+if __name__ == "__main__":
+    main()
