@@ -7,14 +7,17 @@
    example inputs and, with a dynamic batch, on a second batch size. The largest
    difference is reported relative to the output's scale; above `tol` it is an error.
 
-The file is written to a temporary name and moved into place only when verified, so a
-failed export leaves nothing at `path`.
+One file where it fits: models with more than ~1.8 GB of weights (protobuf's 2 GB cap)
+keep them in an external-data file beside it and skip onnxsim. Everything is written to a
+temporary directory and moved into place only when verified, so a failed export leaves
+nothing at `path`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -32,6 +35,8 @@ __all__ = ["ExportReport", "export_onnx", "onnx_session", "run_onnx"]
 
 logger = logging.getLogger(__name__)
 
+_ONE_FILE_LIMIT = 1_800_000_000  # bytes of weights above which the file gets external data
+
 
 @dataclass
 class ExportReport:
@@ -45,7 +50,7 @@ class ExportReport:
         simplified: whether the simplified graph was kept.
         max_diff: largest |onnxruntime - torch| / max|torch| over the checked batches.
         batch_sizes: the batch sizes verified.
-        file_bytes: size of the file.
+        file_bytes: size of the file (and its external data, if any).
     """
 
     path: str
@@ -84,7 +89,8 @@ def _flat(out: Any) -> list[torch.Tensor]:
     return []
 
 
-def _export(model: nn.Module, inputs: tuple, path: str, dynamic_batch: bool, opset: int | None) -> str:
+def _export(model: nn.Module, inputs: tuple, path: str, dynamic_batch: bool, opset: int | None,
+            external: bool) -> str:
     names = [f"input_{i}" for i in range(len(inputs))]
     errors = []
     if dynamic_batch and all(isinstance(t, torch.Tensor) and t.shape[0] == 1 for t in inputs):
@@ -95,7 +101,7 @@ def _export(model: nn.Module, inputs: tuple, path: str, dynamic_batch: bool, ops
         try:
             dyn = tuple({0: torch.export.Dim("batch", min=1, max=4096)} for _ in inputs) if dynamic_batch else None
             torch.onnx.export(
-                model, inputs, path, dynamo=True, external_data=False, dynamic_shapes=dyn,
+                model, inputs, path, dynamo=True, external_data=external, dynamic_shapes=dyn,
                 opset_version=opset, input_names=names, verbose=False,
             )
             return "dynamo"
@@ -153,14 +159,17 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()
-    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
+    # protobuf caps one file at 2 GB: larger models keep their weights in a side file
+    nbytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    external = nbytes > _ONE_FILE_LIMIT
+    tmpdir = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    tmp = str(tmpdir / path.name)
     try:
-        exporter = _export(model, inputs, tmp, dynamic_batch, opset)
-        proto = onnx.load(tmp)
+        exporter = _export(model, inputs, tmp, dynamic_batch, opset, external)
+        proto = onnx.load(tmp, load_external_data=False)
         nodes_before = len(proto.graph.node)
         simplified = False
-        if simplify:
+        if simplify and not external:
             try:
                 import onnxsim  # noqa: PLC0415
 
@@ -198,16 +207,17 @@ def export_onnx(
         if worst > tol:
             raise ExportError(f"onnxruntime output differs from torch by {worst:.3e} (scaled), above {tol}")
         opset_v = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-        os.replace(tmp, path)
+        size = sum(f.stat().st_size for f in tmpdir.iterdir())
+        for f in sorted(tmpdir.iterdir(), key=lambda f: f.name == path.name):  # the .onnx last
+            os.replace(f, path.parent / f.name)
         return ExportReport(
             str(path), exporter, opset_v, nodes_before, len(proto.graph.node), simplified, worst,
-            tuple(int(xs[0].shape[0]) for xs in batches), path.stat().st_size,
+            tuple(int(xs[0].shape[0]) for xs in batches), size,
         )
     except ExportError:
         raise
     except Exception as exc:
         raise ExportError(f"export to {path} failed: {type(exc).__name__}: {exc}") from exc
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        shutil.rmtree(tmpdir, ignore_errors=True)
         model.train(was_training)

@@ -60,3 +60,12 @@ def test_unexportable_model_is_a_typed_error(tmp_path):
     with pytest.raises(fxslim.ExportError, match="failed"):
         fxslim.export_onnx(Py(), X, tmp_path / "py.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_large_models_get_external_data(tmp_path, monkeypatch):
+    monkeypatch.setattr(E, "_ONE_FILE_LIMIT", 0)  # pretend the weights pass protobuf's 2 GB
+    rep = fxslim.export_onnx(Small().eval(), X, tmp_path / "big.onnx")
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files[0] == "big.onnx" and len(files) == 2 and not rep.simplified
+    assert rep.max_diff <= 1e-4
+    assert E.run_onnx(E.onnx_session(tmp_path / "big.onnx"), (X,))[0].shape == (1, 5)
