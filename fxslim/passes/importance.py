@@ -1,47 +1,354 @@
-"""Channel importance: a score per unit of a channel group (higher = keep).
+"""Channel importance: one score per unit of a channel group (higher = keep).
 
-L1 magnitude: for each parameter member, the L1 norm of each index's slice, divided by
-the member's mean so that members of different scale weigh alike; a unit's score is
-the mean over its indices and the sum over members.
+Every criterion sees the whole group: a score is computed per member (each parameter
+whose dim the group slices), reduced over the indices of a unit, normalised per member
+(so a large consumer matrix does not drown a BatchNorm), then reduced over members.
+
+* magnitude (L1 / L2): ``s_i = ||W[i]||_p`` over the member's other dims;
+* BatchNorm scale: ``|gamma_i|`` of the norm members only (network slimming);
+* first-order Taylor: ``|sum W[i] * dL/dW[i]|`` accumulated over a few batches;
+* activation: mean |a_i| or APoZ (share of a_i <= 0; low APoZ = important) over
+  calibration batches, read on the group's activations;
+* sensitivity: loss increase when unit i is removed (its channels made dead), per batch;
+* LAMP: ``w_i^2 / sum_{j: w_j^2 >= w_i^2} w_j^2`` per member, scale-free across layers;
+* random: a seeded baseline.
+
+Any callable ``(module, group) -> scores`` plugs in the same way.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import Any
+
 import numpy as np
 import torch
+import torch.fx as fx
 from torch import nn
 
-from fxslim.graph.coupling import ChannelGroup
+from fxslim.graph.coupling import ChannelGroup, Member
 
-__all__ = ["l1_importance"]
+__all__ = [
+    "Importance", "MagnitudeImportance", "BNScaleImportance", "TaylorImportance",
+    "ActivationImportance", "SensitivityImportance", "LAMPImportance", "RandomImportance",
+    "l1_importance", "get_importance", "reduce_units",
+]
+
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish, nn.LeakyReLU)
+
+
+def reduce_units(group: ChannelGroup, member: Member, per_index: np.ndarray, how: str = "mean") -> np.ndarray:
+    """Per-unit reduction (mean, sum or max) of a per-index score of one member."""
+    units = group.unit_of[group.member_class[member]]
+    ok = units >= 0
+    u, v = units[ok], per_index[ok]
+    if how == "max":
+        out = np.full(group.size, -np.inf)
+        np.maximum.at(out, u, v)
+        return np.where(np.isfinite(out), out, 0.0)
+    sums = np.bincount(u, weights=v, minlength=group.size)
+    if how == "sum":
+        return sums
+    return sums / np.maximum(np.bincount(u, minlength=group.size), 1)
+
+
+def _normalise(x: np.ndarray, how: str | None) -> np.ndarray:
+    if how is None:
+        return x
+    if how == "mean":
+        return x / (np.abs(x).mean() + 1e-12)
+    if how == "sum":
+        return x / (np.abs(x).sum() + 1e-12)
+    if how == "max":
+        return x / (np.abs(x).max() + 1e-12)
+    if how == "standard":
+        return (x - x.mean()) / (x.std() + 1e-12)
+    raise ValueError(f"unknown normalisation {how!r}")
+
+
+def _combine(parts: list[np.ndarray], how: str, size: int) -> np.ndarray:
+    if not parts:
+        return np.zeros(size)
+    stack = np.stack(parts)
+    return {"sum": stack.sum(0), "mean": stack.mean(0), "max": stack.max(0)}[how]
+
+
+class Importance:
+    """Base criterion: per-member per-index scores, reduced to units, normalised, combined.
+
+    Args:
+        unit_reduction: how a unit's indices are reduced ("mean", "sum", "max").
+        member_reduction: how members are combined ("sum", "mean", "max").
+        normalize: per-member normalisation ("mean", "sum", "max", "standard" or None).
+    """
+
+    roles: tuple[str, ...] = ("out", "in", "norm")
+
+    def __init__(self, unit_reduction: str = "mean", member_reduction: str = "sum", normalize: str | None = "mean"):
+        self.unit_reduction, self.member_reduction, self.normalize = unit_reduction, member_reduction, normalize
+        self._cache: dict = {}
+
+    def per_index(self, gm: nn.Module, member: Member) -> np.ndarray | None:
+        raise NotImplementedError
+
+    def members(self, group: ChannelGroup) -> list[Member]:
+        return [m for m in group.members if m.kind == "param" and m.role in self.roles]
+
+    def __call__(self, gm: nn.Module, group: ChannelGroup) -> np.ndarray:
+        parts = []
+        for m in self.members(group):
+            t = gm.get_parameter(m.target)
+            key = (id(t), t._version, m.dim)  # the cache holds t, so its id stays unique
+            hit = self._cache.get(key)
+            v = hit[1] if hit is not None else self.per_index(gm, m)
+            if hit is None:
+                self._cache[key] = (t, v)
+            if v is None:
+                continue
+            parts.append(_normalise(reduce_units(group, m, v, self.unit_reduction), self.normalize))
+        return _combine(parts, self.member_reduction, group.size)
+
+
+def _param(gm: nn.Module, target: str) -> torch.Tensor:
+    return gm.get_parameter(target).detach()
+
+
+class MagnitudeImportance(Importance):
+    """L_p magnitude of each index's slice (p = 1 or 2)."""
+
+    def __init__(self, p: int = 1, **kw: Any):
+        super().__init__(**kw)
+        self.p = p
+
+    def per_index(self, gm: nn.Module, m: Member) -> np.ndarray:
+        t = _param(gm, m.target).float()
+        dims = [d for d in range(t.dim()) if d != m.dim]
+        if not dims:
+            return t.abs().pow(self.p).double().numpy()
+        return torch.linalg.vector_norm(t, self.p, dim=dims).pow(self.p).double().numpy()
+
+
+class BNScaleImportance(Importance):
+    """|gamma| of the group's normalisation layers (network slimming); other members ignored."""
+
+    roles = ("norm",)
+
+    def per_index(self, gm: nn.Module, m: Member) -> np.ndarray | None:
+        if not m.target.endswith(".weight"):
+            return None
+        mod = gm.get_submodule(m.module)
+        if not isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)):
+            return None
+        return _param(gm, m.target).abs().double().numpy()
+
+
+class LAMPImportance(Importance):
+    """LAMP (layer-adaptive magnitude): w_i^2 over the sum of w_j^2 not smaller than it."""
+
+    def per_index(self, gm: nn.Module, m: Member) -> np.ndarray:
+        t = _param(gm, m.target).float()
+        dims = [d for d in range(t.dim()) if d != m.dim]
+        sq = (t.pow(2).sum(dim=dims) if dims else t.pow(2)).double().numpy()
+        order = np.argsort(sq)  # ascending
+        tail = np.cumsum(sq[order][::-1])[::-1]  # sum over j >= position
+        out = np.empty_like(sq)
+        out[order] = sq[order] / (tail + 1e-12)
+        return out
+
+
+class RandomImportance(Importance):
+    """Seeded random scores: a baseline."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__(normalize=None)
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, gm: nn.Module, group: ChannelGroup) -> np.ndarray:
+        return self.rng.random(group.size)
+
+
+def _batches(data: Iterable, n: int):
+    for i, b in enumerate(data):
+        if i >= n:
+            return
+        yield b
+
+
+def _xy(batch: Any) -> tuple[tuple, Any]:
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        x, y = batch
+        return (x if isinstance(x, tuple) else (x,)), y
+    return ((batch,) if isinstance(batch, torch.Tensor) else tuple(batch)), None
+
+
+class TaylorImportance(Importance):
+    """First-order Taylor: |sum over a unit's weights of w * dL/dw|, accumulated over batches.
+
+    Args:
+        data: iterable of (inputs, labels) batches.
+        loss_fn: ``loss_fn(outputs, labels)``; cross-entropy by default.
+        batches: how many batches to use.
+    """
+
+    def __init__(self, data: Iterable, loss_fn: Callable | None = None, batches: int = 4, **kw: Any):
+        super().__init__(**kw)
+        self.data, self.batches = data, batches
+        self.loss_fn = loss_fn or nn.functional.cross_entropy
+        self._grads: dict[int, dict[str, torch.Tensor]] = {}
+
+    def _accumulate(self, gm: nn.Module) -> dict[str, torch.Tensor]:
+        if id(gm) in self._grads:
+            return self._grads[id(gm)]
+        was = gm.training
+        gm.eval()
+        params = dict(gm.named_parameters())
+        acc = {k: torch.zeros_like(p) for k, p in params.items()}
+        for batch in _batches(self.data, self.batches):
+            xs, y = _xy(batch)
+            gm.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                self.loss_fn(gm(*xs), y).backward()
+            for k, p in params.items():
+                if p.grad is not None:
+                    acc[k] += p.detach() * p.grad.detach()
+        gm.zero_grad(set_to_none=True)
+        gm.train(was)
+        self._grads[id(gm)] = acc
+        return acc
+
+    def per_index(self, gm: nn.Module, m: Member) -> np.ndarray:
+        wg = self._accumulate(gm)[m.target]
+        dims = [d for d in range(wg.dim()) if d != m.dim]
+        return (wg.sum(dim=dims) if dims else wg).abs().double().numpy()
+
+
+def _channel_nodes(gm: fx.GraphModule, group: ChannelGroup, cg: Any, activations_only: bool) -> list[tuple[str, int]]:
+    """(node name, dim) of tensors whose dim carries the group's channels one to one."""
+    b = cg.builder
+    classes = {c for c, u in group.unit_of.items() if (u >= 0).all() and len(np.unique(u)) == group.size
+               and len(u) == group.size}
+    modules = dict(gm.named_modules())
+    out = []
+    for node in gm.graph.nodes:
+        sp = b.out.get(node)
+        if not isinstance(sp, list) or not sp or not isinstance(sp[0], int):
+            continue
+        if activations_only:
+            mod = modules.get(node.target) if node.op == "call_module" else None
+            is_act = isinstance(mod, _ACTIVATIONS) or node.target in (torch.relu, nn.functional.relu, nn.functional.gelu)
+            if not is_act:
+                continue
+        for d, s in enumerate(sp):
+            if int(cg.class_of[s]) in classes:
+                out.append((node.name, d))
+    return out
+
+
+class ActivationImportance(Importance):
+    """Mean |activation| ("mean") or APoZ ("apoz": 1 - share of activations <= 0) per unit.
+
+    Read on the group's activation outputs (ReLU, GELU, ...; any tensor of the group when
+    it has none) over calibration batches. Needs the coupling graph of `gm` (`cg`).
+    """
+
+    def __init__(self, data: Iterable, cg: Any, mode: str = "mean", batches: int = 4):
+        super().__init__(normalize=None)
+        if mode not in ("mean", "apoz"):
+            raise ValueError(f"mode must be 'mean' or 'apoz', got {mode!r}")
+        self.data, self.cg, self.mode, self.batches = data, cg, mode, batches
+
+    def __call__(self, gm: fx.GraphModule, group: ChannelGroup) -> np.ndarray:
+        where = _channel_nodes(gm, group, self.cg, True) or _channel_nodes(gm, group, self.cg, False)
+        if not where:
+            return np.zeros(group.size)
+        wanted = dict(where)
+        sums: dict[str, torch.Tensor] = {}
+        mode = self.mode
+
+        class Rec(fx.Interpreter):
+            def run_node(self, n: fx.Node) -> Any:
+                out = super().run_node(n)
+                if n.name in wanted and isinstance(out, torch.Tensor):
+                    d = wanted[n.name]
+                    red = [i for i in range(out.dim()) if i != d]
+                    v = (out.abs().mean(dim=red) if mode == "mean" else (out > 0).float().mean(dim=red))
+                    sums[n.name] = sums.get(n.name, 0) + v.double()
+                return out
+
+        with torch.inference_mode():
+            for batch in _batches(self.data, self.batches):
+                Rec(gm).run(*_xy(batch)[0])
+        score = np.zeros(group.size)
+        nodes = {n.name: n for n in gm.graph.nodes}
+        for name, d in where:
+            cls = int(self.cg.class_of[self.cg.builder.out[nodes[name]][d]])
+            score += np.bincount(group.unit_of[cls], weights=sums[name].numpy(), minlength=group.size)
+        return score
+
+
+class SensitivityImportance(Importance):
+    """Loss increase when a unit is removed, measured by making its channels dead.
+
+    Exact for groups that pass no statistic over channels (dead = removed there).
+    Costs one forward per unit and batch: for small models or few groups.
+    """
+
+    def __init__(self, data: Iterable, loss_fn: Callable | None = None, batches: int = 2):
+        super().__init__(normalize=None)
+        self.data, self.batches = list(_batches(data, batches)), batches
+        self.loss_fn = loss_fn or nn.functional.cross_entropy
+
+    @torch.inference_mode()
+    def _loss(self, gm: nn.Module) -> float:
+        total = 0.0
+        for batch in self.data:
+            xs, y = _xy(batch)
+            total += float(self.loss_fn(gm(*xs), y))
+        return total / max(len(self.data), 1)
+
+    def __call__(self, gm: nn.Module, group: ChannelGroup) -> np.ndarray:
+        gm.eval()
+        base = self._loss(gm)
+        params = [m for m in group.members if m.kind == "param"]
+        out = np.zeros(group.size)
+        for u in range(group.size):
+            saved = []
+            with torch.no_grad():
+                for m in params:
+                    idx = torch.as_tensor(group.channels_of(m, [u]))
+                    t = gm.get_parameter(m.target)
+                    saved.append((t, m.dim, idx, t.index_select(m.dim, idx).clone()))
+                    t.index_fill_(m.dim, idx, 0.0)
+            out[u] = self._loss(gm) - base
+            with torch.no_grad():
+                for t, dim, idx, old in saved:
+                    t.index_copy_(dim, idx, old)
+        return out
 
 
 def l1_importance(gm: nn.Module, group: ChannelGroup, cache: dict | None = None) -> np.ndarray:
-    """Per-unit L1-magnitude importance of `group`, shape (group.size,).
+    """Per-unit L1-magnitude group importance (the default criterion).
 
     Args:
-        cache: optional dict reused across groups, so that each (tensor, dim) reduction
-            runs once even when the tensor is a member of many groups (DenseNet).
+        cache: a dict reused across the groups of one prune, so that each (tensor, dim)
+            reduction runs once even when the tensor sits in many groups (DenseNet).
     """
-    score = np.zeros(group.size, dtype=np.float64)
-    for m in group.members:
-        if m.kind != "param":
-            continue
-        key = (m.target, m.dim)
-        per_index = cache.get(key) if cache is not None else None
-        if per_index is None:
-            t = gm.get_parameter(m.target).detach()
-            dims = [d for d in range(t.dim()) if d != m.dim]
-            per_index = torch.linalg.vector_norm(t, 1, dim=dims).double().cpu().numpy() if dims else t.abs().double().cpu().numpy()
-            if cache is not None:
-                cache[key] = per_index
-        units = group.unit_of[group.member_class[m]]
-        ok = units >= 0
-        sums = np.bincount(units[ok], weights=per_index[ok], minlength=group.size)
-        counts = np.bincount(units[ok], minlength=group.size)
-        unit_mean = sums / np.maximum(counts, 1)
-        norm = per_index[ok].mean() if ok.any() else 1.0
-        score += unit_mean / (norm + 1e-12)
-    return score
+    crit = cache.setdefault("_l1", MagnitudeImportance(p=1)) if cache is not None else MagnitudeImportance(p=1)
+    return crit(gm, group)
 
 
+def get_importance(spec: str | Callable | None) -> Callable:
+    """A criterion from a name ("l1", "l2", "bn", "lamp", "random") or a callable."""
+    if spec is None or spec == "l1":
+        return MagnitudeImportance(p=1)
+    if callable(spec):
+        return spec
+    table = {
+        "l2": lambda: MagnitudeImportance(p=2),
+        "bn": BNScaleImportance,
+        "lamp": LAMPImportance,
+        "random": RandomImportance,
+    }
+    if spec not in table:
+        raise ValueError(f"unknown importance {spec!r}; data-driven criteria take data: use the classes")
+    return table[spec]()
