@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import re
 import traceback
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -129,9 +130,12 @@ def trace(
     if isinstance(model, fx.GraphModule):
         gm = copy_structure(model) if share_weights else copy.deepcopy(model)
     else:
+        # torch.fx stores tensor constants (_tensor_constant0 ...) on the root it traces:
+        # trace a copy so that the user's model stays exactly as it was
+        root = copy_structure(model) if share_weights else copy.deepcopy(model)
         tracer = FxslimTracer(leaf_modules, leaf_paths, autowrap_functions)
         try:
-            graph = tracer.trace(model, concrete_args=concrete_args)
+            graph = tracer.trace(root, concrete_args=concrete_args)
         except Exception as exc:
             where = tracer.failed_path or "<top level>"
             raise TraceError(
@@ -141,7 +145,6 @@ def trace(
                 f"leaf_modules=[ItsClass]), or pass concrete_args to fix Python control flow."
             ) from exc
         name = type(model).__name__
-        root = copy_structure(model) if share_weights else copy.deepcopy(model)
         gm = fx.GraphModule(root, graph, class_name=name)
         gm.train(model.training)
         gm.meta["fxslim_source"] = fingerprint(model, gm)
@@ -165,6 +168,7 @@ def fingerprint(model: nn.Module, gm: fx.GraphModule) -> str:
         h.update(f"t:{name}:{tuple(t.shape)}:{t.dtype};".encode())
     for n in gm.graph.nodes:
         target = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+        target = re.sub(r"^_tensor_constant\d+$", "_tensor_constant", target)
         h.update(f"n:{n.op}:{target};".encode())
     return h.hexdigest()
 

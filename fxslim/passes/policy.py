@@ -1,13 +1,28 @@
-"""A first pruning policy: a uniform ratio per group, lowest-importance units first.
+"""Pruning policy: which channels go and how many.
 
-For each prunable group, ``floor(ratio * size)`` units are removed (never all of them);
-groups touched by an ignored layer's outputs are left whole.
+Scores come from an importance criterion (``fxslim.passes.importance``), one per unit
+of each prunable group. How many units each group loses:
+
+* uniform: ``ratio`` of every group (per-module ``overrides`` win where a module is a
+  member of the group);
+* global ranking: scores normalised per group (divided by the group's mean), pooled
+  across groups, lowest first, until ``ratio`` of all units are gone;
+* threshold: every unit whose normalised score is below ``threshold``.
+
+Always: a group keeps at least one unit and at most loses ``max_ratio`` of them;
+``round_to`` keeps a multiple of N units (SIMD-friendly widths); groups touched by an
+ignored layer's outputs stay whole.
+
+Targets (``target_macs`` / ``target_params``, fractions of the original) bisect the
+ratio against an exact cost model (``fxslim.passes.estimate``) and never apply a plan
+until the chosen one. ``target_latency`` is measured, see ``fxslim.passes.latency``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -19,22 +34,122 @@ from fxslim.graph.analysis import analyze
 from fxslim.graph.coupling import ChannelGroup, CouplingGraph
 from fxslim.graph.trace import trace
 from fxslim.passes.base import Pass, PassResult
-from fxslim.passes.importance import l1_importance
-from fxslim.passes.prune import apply_plan, make_plan
+from fxslim.passes.estimate import CostModel
+from fxslim.passes.importance import get_importance, l1_importance
+from fxslim.passes.prune import PrunePlan, apply_plan, make_plan
 
-__all__ = ["uniform_removal", "UniformPrunePass", "prune", "prune_to_macs"]
+__all__ = [
+    "Policy", "PlanReport", "allocate", "uniform_removal", "UniformPrunePass", "prune", "prune_to_macs",
+    "plan_prune",
+]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Policy:
+    """How many units each group loses (see the module docstring).
+
+    Attributes:
+        ratio: share of units to remove (per group, or of all units with global ranking).
+        global_ranking: rank units across groups by normalised score.
+        threshold: remove units whose normalised score is below it (replaces `ratio`).
+        max_ratio: at most this share of any group goes.
+        overrides: {module path: ratio} for groups that module is a member of.
+        round_to: groups larger than it keep a multiple of it.
+        ignore: module paths whose output channels stay whole.
+    """
+
+    ratio: float = 0.5
+    global_ranking: bool = False
+    threshold: float | None = None
+    max_ratio: float | None = None
+    overrides: Mapping[str, float] = field(default_factory=dict)
+    round_to: int = 1
+    ignore: Iterable[str] = ()
+
+    def check(self) -> None:
+        if self.threshold is None and not 0.0 <= self.ratio < 1.0:
+            raise PlanMismatchError(f"ratio must be in [0, 1), got {self.ratio}")
+        if self.max_ratio is not None and not 0.0 <= self.max_ratio < 1.0:
+            raise PlanMismatchError(f"max_ratio must be in [0, 1), got {self.max_ratio}")
+        for k, v in self.overrides.items():
+            if not 0.0 <= v < 1.0:
+                raise PlanMismatchError(f"override ratio for '{k}' must be in [0, 1), got {v}")
+        if self.round_to < 1:
+            raise PlanMismatchError(f"round_to must be >= 1, got {self.round_to}")
 
 
 def _ignored(group: ChannelGroup, ignore: set[str]) -> bool:
     for m in group.members:
         if m.role == "in" or m.kind not in ("param", "buffer"):
             continue  # an ignored layer's input channels may still shrink
-        mod = m.module
-        if any(mod == p or mod.startswith(p + ".") for p in ignore):
+        if any(m.module == p or m.module.startswith(p + ".") for p in ignore):
             return True
     return False
+
+
+def _override(group: ChannelGroup, overrides: Mapping[str, float]) -> float | None:
+    hits = [v for k, v in overrides.items() if any(m.module == k for m in group.members if m.kind == "param")]
+    return max(hits) if hits else None
+
+
+def _round(size: int, n: int, round_to: int, cap: int) -> int:
+    """Units to remove so that the kept count is a multiple of `round_to` (nearest)."""
+    n = min(n, cap)
+    if round_to > 1 and size > round_to and n > 0:
+        keep = max(round_to, int(round((size - n) / round_to)) * round_to)
+        n = size - min(keep, size)
+        while n > cap:
+            n -= round_to
+    return max(n, 0)
+
+
+def allocate(cg: CouplingGraph, scores: Mapping[int, np.ndarray], policy: Policy) -> dict[int, list[int]]:
+    """{group id: units to remove} for the scored groups under `policy`."""
+    policy.check()
+    mr = policy.max_ratio if policy.max_ratio is not None else 1.0
+    caps = {gid: min(len(s) - 1, int(np.floor(mr * len(s) + 1e-9))) for gid, s in scores.items()}
+    fixed = {gid: r for gid in scores if (r := _override(cg.groups[gid], policy.overrides)) is not None}
+    free = {gid: s / (np.abs(s).mean() + 1e-12) for gid, s in scores.items() if gid not in fixed}
+    counts = {gid: int(np.floor(r * len(scores[gid]) + 1e-9)) for gid, r in fixed.items()}
+    if policy.threshold is not None:
+        counts |= {gid: int((s < policy.threshold).sum()) for gid, s in free.items()}
+    elif policy.global_ranking:
+        pool = sorted((float(v), gid) for gid, s in free.items() for v in s)
+        budget = int(np.floor(policy.ratio * len(pool) + 1e-9))
+        taken = dict.fromkeys(free, 0)
+        for _, gid in pool:
+            if budget <= 0:
+                break
+            if taken[gid] < caps[gid]:
+                taken[gid] += 1
+                budget -= 1
+        counts |= taken
+    else:
+        counts |= {gid: int(np.floor(policy.ratio * len(s) + 1e-9)) for gid, s in free.items()}
+    removal = {}
+    for gid, s in scores.items():
+        n = _round(len(s), counts.get(gid, 0), policy.round_to, caps[gid])
+        if n > 0:
+            removal[gid] = sorted(np.argsort(s, kind="stable")[:n].tolist())
+    return removal
+
+
+def score_groups(gm: nn.Module, cg: CouplingGraph, importance: Callable, ignore: Iterable[str]) -> dict[int, np.ndarray]:
+    """Scores of every prunable, non-ignored group."""
+    ignore = set(ignore)
+    out = {}
+    cache: dict = {}
+    for grp in cg.groups:
+        if not grp.prunable or _ignored(grp, ignore):
+            continue
+        s = l1_importance(gm, grp, cache) if importance is l1_importance else importance(gm, grp)
+        s = np.asarray(s, dtype=np.float64)
+        if s.shape != (grp.size,):
+            raise PlanMismatchError(f"importance returned shape {s.shape} for group {grp.id} of {grp.size} units")
+        out[grp.id] = s
+    return out
 
 
 def uniform_removal(
@@ -45,34 +160,123 @@ def uniform_removal(
     importance: Callable[[nn.Module, ChannelGroup], np.ndarray] = l1_importance,
     round_to: int = 1,
 ) -> dict[int, list[int]]:
-    """{group id: units to remove}: the `ratio` least important units of every prunable group.
+    """{group id: units to remove}: the `ratio` least important units of every prunable group."""
+    scores = score_groups(gm, cg, importance, ignore)
+    return allocate(cg, scores, Policy(ratio=ratio, round_to=round_to, ignore=ignore))
 
-    With `round_to` > 1, each group larger than `round_to` keeps a multiple of it (the
-    nearest to ``(1 - ratio) * size``), for SIMD-friendly widths.
+
+@dataclass
+class PlanReport:
+    """A dry run: what each group keeps and the cost after, before anything changes.
+
+    Attributes:
+        plan: the `PrunePlan` (apply it with `fxslim.apply_plan`).
+        rows: per group (id, root, size, kept, pinned reason or "").
+        macs / params: before and after (exact, from the cost model).
     """
-    if not 0.0 <= ratio < 1.0:
-        raise PlanMismatchError(f"ratio must be in [0, 1), got {ratio}")
-    ignore = set(ignore)
-    removal: dict[int, list[int]] = {}
-    cache: dict = {}
+
+    plan: PrunePlan
+    rows: list[tuple[int, str, int, int, str]]
+    macs: tuple[float, float]
+    params: tuple[int, int]
+    ratio: float | None = None
+
+    def __str__(self) -> str:
+        out = ["| group | root | channels | kept | note |", "|---|---|---|---|---|"]
+        for gid, root, size, kept, note in self.rows:
+            out.append(f"| {gid} | {root} | {size} | {kept} | {note} |")
+        m0, m1 = self.macs
+        p0, p1 = self.params
+        out.append(f"\nMACs {m0 / 1e6:.2f}M -> {m1 / 1e6:.2f}M ({m1 / max(m0, 1):.3f}); "
+                   f"params {p0 / 1e6:.3f}M -> {p1 / 1e6:.3f}M ({p1 / max(p0, 1):.3f})")
+        return "\n".join(out)
+
+
+def plan_prune(
+    gm: fx.GraphModule,
+    cg: CouplingGraph,
+    example_inputs: Any,
+    policy: Policy,
+    importance: Callable = l1_importance,
+    *,
+    target_macs: float | None = None,
+    target_params: float | None = None,
+    tol: float = 0.01,
+) -> PlanReport:
+    """Choose the plan (dry run). With a target, the ratio is bisected on the cost model."""
+    cost = CostModel(gm, cg, example_inputs)
+    scores = score_groups(gm, cg, importance, policy.ignore)
+
+    def price(p: Policy | PrunePlan) -> tuple[PrunePlan, float, int]:
+        plan = p if isinstance(p, PrunePlan) else make_plan(cg, allocate(cg, scores, p))
+        return plan, cost.macs(plan.keep, plan.class_removed), cost.params(plan.keep)
+
+    if target_macs is not None or target_params is not None:
+        if target_macs is not None and target_params is not None:
+            raise PlanMismatchError("give target_macs or target_params, not both")
+        goal = target_macs if target_macs is not None else target_params
+        if not 0.0 < goal < 1.0:
+            raise PlanMismatchError(f"targets are fractions in (0, 1), got {goal}")
+        base = cost.total_macs if target_macs is not None else cost.total_params
+        which = 1 if target_macs is not None else 2
+        lo, hi, best = 0.0, 0.99, None
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            p = Policy(**{**policy.__dict__, "ratio": mid, "threshold": None})
+            res = price(p)
+            frac = res[which] / base
+            if best is None or abs(frac - goal) < abs(best[1][which] / base - goal):
+                best = (mid, res)
+            if abs(frac - goal) <= tol * goal:
+                break
+            lo, hi = (mid, hi) if frac > goal else (lo, mid)
+        ratio, (plan, macs, params) = best
+        if abs((macs if which == 1 else params) / base - goal) > tol * goal:
+            ratio, plan, macs, params = _refine(cg, scores, policy, lo, hi, price, which, base, goal) or (
+                ratio, plan, macs, params)
+        if abs((macs if which == 1 else params) / base - goal) > 0.02 * goal:
+            logger.warning("target %.3f not reachable: closest is %.3f (pinned groups limit it)",
+                           goal, (macs if which == 1 else params) / base)
+    else:
+        ratio = policy.ratio
+        plan, macs, params = price(policy)
+    rows = []
     for grp in cg.groups:
-        if not grp.prunable or _ignored(grp, ignore):
-            continue
-        n = min(int(np.floor(ratio * grp.size)), grp.size - 1)
-        if round_to > 1 and grp.size > round_to:  # keep a SIMD-friendly number of units
-            keep = max(round_to, int(round((grp.size - n) / round_to)) * round_to)
-            n = grp.size - min(keep, grp.size)
-        if n <= 0:
-            continue
-        scores = np.asarray(_score(importance, gm, grp, cache), dtype=np.float64)
-        removal[grp.id] = sorted(np.argsort(scores, kind="stable")[:n].tolist())
-    return removal
+        gone = len(plan.removed.get(grp.id, ()))
+        note = grp.reason or ("ignored" if grp.prunable and grp.id not in scores else "")
+        rows.append((grp.id, f"{grp.root.target}[{grp.root.dim}]" if grp.root else "-", grp.size, grp.size - gone, note))
+    return PlanReport(plan, rows, (cost.total_macs, macs), (cost.total_params, params), ratio)
 
 
-def _score(importance: Callable, gm: nn.Module, grp: ChannelGroup, cache: dict) -> np.ndarray:
-    if importance is l1_importance:  # per-tensor reductions are shared between groups
-        return l1_importance(gm, grp, cache)
-    return importance(gm, grp)
+def _refine(cg, scores, policy, lo, hi, price, which, base, goal, coarse: int = 32):
+    """When a uniform step jumps over the goal (groups of few, large units such as
+    attention heads change together), keep the coarse groups (<= `coarse` units) as they
+    are at `lo` and bisect the ratio of the fine groups alone."""
+    fixed = allocate(cg, scores, Policy(**{**policy.__dict__, "ratio": lo, "threshold": None}))
+    frozen = {g for g, s in scores.items() if len(s) <= coarse}
+    if not frozen:
+        return None
+
+    def plan_at(r: float) -> PrunePlan:
+        rem = allocate(cg, scores, Policy(**{**policy.__dict__, "ratio": r, "threshold": None}))
+        for g in frozen:
+            rem.pop(g, None)
+            if fixed.get(g):
+                rem[g] = fixed[g]
+        return make_plan(cg, rem)
+
+    a, b, best = lo, 0.99, None
+    for _ in range(30):
+        mid = (a + b) / 2
+        res = price(plan_at(mid))
+        frac = res[which] / base
+        if best is None or abs(frac - goal) < abs(best[1][which] / base - goal):
+            best = (mid, res)
+        if abs(frac - goal) <= 0.005 * goal:
+            break
+        a, b = (mid, b) if frac > goal else (a, mid)
+    r, (plan, macs, params) = best
+    return r, plan, macs, params
 
 
 class UniformPrunePass(Pass):
@@ -98,35 +302,69 @@ class UniformPrunePass(Pass):
 def prune(
     model: nn.Module,
     example_inputs: Any,
-    ratio: float = 0.5,
+    ratio: float | None = 0.5,
     *,
     ignore: Iterable[str | nn.Module] = (),
-    importance: Callable[[nn.Module, ChannelGroup], np.ndarray] = l1_importance,
+    importance: str | Callable[[nn.Module, ChannelGroup], np.ndarray] | None = None,
+    global_ranking: bool = False,
+    threshold: float | None = None,
+    max_ratio: float | None = None,
+    overrides: Mapping[str, float] | None = None,
     round_to: int = 1,
+    target_macs: float | None = None,
+    target_params: float | None = None,
+    target_latency: float | None = None,
+    latency_options: Mapping[str, Any] | None = None,
+    dry_run: bool = False,
     **trace_kwargs: Any,
-) -> fx.GraphModule:
-    """Prune every prunable channel group by `ratio`, least important (L1) units first.
+) -> fx.GraphModule | PlanReport:
+    """Prune channel groups, least important units first.
 
     Args:
         model: the model (left untouched).
         example_inputs: a tensor or a tuple of tensors.
-        ratio: share of each group's units to remove, in [0, 1).
-        ignore: layers (paths or module objects) whose output channels stay whole,
-            e.g. the classifier head.
-        importance: ``(module, group) -> scores`` (one per unit; higher is kept).
-        round_to: keep a multiple of this many units per group (e.g. 8 for SIMD widths).
+        ratio: share of units to remove, in [0, 1) (per group; of all units with
+            `global_ranking`). Ignored when a target is given.
+        ignore: layers (paths or module objects) whose output channels stay whole.
+        importance: "l1" (default), "l2", "bn", "lamp", "random", or any
+            ``(module, group) -> scores`` (see ``fxslim.passes.importance``).
+        global_ranking: rank units across groups by per-group normalised score.
+        threshold: remove units whose normalised score is below it.
+        max_ratio: at most this share of any group goes.
+        overrides: {module path: ratio} for the groups that module belongs to.
+        round_to: keep a multiple of this many units per group (e.g. 8 for SIMD).
+        target_macs / target_params: reach this fraction of the original (exact cost
+            model, bisected ratio).
+        target_latency: reach this fraction of the measured CPU latency
+            (``fxslim.passes.latency``; options in `latency_options`).
+        dry_run: return the `PlanReport` (a printable table) instead of a model.
 
     Returns:
-        A new, smaller GraphModule.
+        A new, smaller GraphModule, or the `PlanReport` with `dry_run`.
 
     Example:
-        >>> small = fxslim.prune(resnet18(), torch.randn(1, 3, 224, 224), 0.5, ignore=["fc"])
+        >>> small = fxslim.prune(resnet18(), x, target_macs=0.5, round_to=8, ignore=["fc"])
+        >>> print(fxslim.prune(resnet18(), x, 0.3, dry_run=True))
     """
     names = {id(m): n for n, m in model.named_modules()}
     paths = [names.get(id(i), "") if isinstance(i, nn.Module) else str(i) for i in ignore]
+    crit = get_importance(importance) if importance is not None else l1_importance
+    policy = Policy(ratio=ratio if ratio is not None else 0.5, global_ranking=global_ranking, threshold=threshold,
+                    max_ratio=max_ratio, overrides=dict(overrides or {}), round_to=round_to, ignore=paths)
+    policy.check()
     gm = trace(model, example_inputs, share_weights=True, **trace_kwargs)
     cg = analyze(gm)
-    return UniformPrunePass(cg, example_inputs, ratio, paths, importance, round_to)(gm).module
+    if target_latency is not None:
+        from fxslim.passes.latency import prune_to_latency  # noqa: PLC0415
+
+        return prune_to_latency(gm, cg, example_inputs, target_latency, policy, crit, **(latency_options or {}))
+    if target_macs is None and target_params is None and not dry_run:  # no pricing needed
+        plan = make_plan(cg, allocate(cg, score_groups(gm, cg, crit, policy.ignore), policy))
+        return apply_plan(gm, cg, plan, example_inputs)
+    report = plan_prune(gm, cg, example_inputs, policy, crit, target_macs=target_macs, target_params=target_params)
+    if dry_run:
+        return report
+    return apply_plan(gm, cg, report.plan, example_inputs)
 
 
 def prune_to_macs(
@@ -135,32 +373,11 @@ def prune_to_macs(
     target: float,
     *,
     ignore: Iterable[str] = (),
-    tol: float = 0.02,
-    steps: int = 12,
     round_to: int = 1,
 ) -> tuple[fx.GraphModule, float]:
-    """Uniform-ratio pruning whose ratio is bisected until MACs are `target` x the original.
-
-    Returns:
-        (pruned module, the ratio used). The MACs fraction reached is within `tol` of
-        `target` when the model's prunable groups allow it, else the closest below.
-    """
-    from fxslim.runtime.measure import count_macs  # noqa: PLC0415
-
-    if not 0.0 < target < 1.0:
-        raise PlanMismatchError(f"target must be in (0, 1), got {target}")
+    """Uniform pruning to `target` x the original MACs; returns (module, ratio used)."""
     gm = trace(model, example_inputs, share_weights=True)
     cg = analyze(gm)
-    base = count_macs(gm, example_inputs)
-    lo, hi = 0.0, 0.95
-    best: tuple[fx.GraphModule, float, float] | None = None
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        res = UniformPrunePass(cg, example_inputs, mid, ignore, round_to=round_to)(gm)
-        frac = count_macs(res.module, example_inputs) / base
-        if best is None or abs(frac - target) < abs(best[2] - target):
-            best = (res.module, mid, frac)
-        if abs(frac - target) <= tol * target:
-            break
-        lo, hi = (mid, hi) if frac > target else (lo, mid)
-    return best[0], best[1]
+    report = plan_prune(gm, cg, example_inputs, Policy(round_to=round_to, ignore=list(ignore)), l1_importance,
+                        target_macs=target)
+    return apply_plan(gm, cg, report.plan, example_inputs), report.ratio

@@ -25,9 +25,21 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+class no_mha_fastpath:  # noqa: N801
+    """nn.MultiheadAttention's fused inference kernel has no FLOP formula: count the
+    unfused path, whose arithmetic is the same."""
+
+    def __enter__(self) -> None:
+        self.old = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.backends.mha.set_fastpath_enabled(self.old)
+
+
 def count_macs(model: nn.Module, example_inputs: Any) -> int:
     """Multiply-accumulates of one forward pass, from torch.utils.flop_counter (FLOPs / 2)."""
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+    with FlopCounterMode(display=False) as counter, torch.inference_mode(), no_mha_fastpath():
         model(*_tuple(example_inputs))
     return counter.get_total_flops() // 2
 

@@ -85,3 +85,15 @@ def test_bad_inputs_raise_typed_errors():
     with pytest.raises(fxslim.PlanMismatchError, match="ratio"):
         fxslim.prune(model, X, ratio=1.5)
     assert issubclass(fxslim.PinnedChannelsError, fxslim.FxslimError)
+
+
+def test_tracing_adds_nothing_to_the_users_model():
+    class Const(nn.Module):
+        def forward(self, x):
+            return x * torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1)  # a tensor constant
+
+    model = Const()
+    before = set(vars(model))
+    gm = fxslim.trace(model, X)
+    assert set(vars(model)) == before and not hasattr(model, "_tensor_constant0")
+    assert hasattr(gm, "_tensor_constant0")

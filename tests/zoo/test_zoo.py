@@ -15,10 +15,11 @@ import pytest
 import torch
 
 import fxslim
-from fxslim.passes.policy import uniform_removal
+from fxslim.passes.importance import l1_importance
+from fxslim.passes.policy import Policy, plan_prune, uniform_removal
 from fxslim.passes.prune import apply_plan, make_plan
 from fxslim.passes.verify import dead_channel_check, max_scaled_diff, slicing_mismatches
-from fxslim.runtime.measure import count_macs
+from fxslim.runtime.measure import count_macs, count_params
 from tests.zoo.zoo import ZOO, build, head_of, random_removal
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -61,6 +62,15 @@ def test_zoo_model(name, tmp_path):
         assert small(x[:1]).shape[0] == 1
     macs0, macs1 = count_macs(model, x[:1]), count_macs(small, x[:1])
     assert macs1 < macs0
+
+    # MACs and params targets (exact cost model, bisected ratio), checked by real counts
+    for kind in ("macs", "params"):
+        report = plan_prune(gm, cg, x[:1], Policy(ignore=[head]), l1_importance, **{f"target_{kind}": 0.5})
+        tgt = apply_plan(gm, cg, report.plan, x)
+        got = count_macs(tgt, x[:1]) / macs0 if kind == "macs" else count_params(tgt) / count_params(gm)
+        if report.ratio < 0.97:  # else the target is out of reach (pinned groups): closest kept
+            assert abs(got - 0.5) <= 0.01, (kind, got)
+        del tgt
 
     # save -> load onto another instance (other weights) is bit-identical
     fxslim.save(small, tmp_path / name)

@@ -1,0 +1,121 @@
+"""Params and MACs of a plan without applying it.
+
+Params are exact: a parameter's size after the plan is its size times, for each dim the
+plan slices, kept / original.
+
+MACs come from one forward under ``torch.utils.flop_counter`` per node, then scale with
+the plan: a Conv/Linear node by its weight's kept fraction (MACs = weight size x output
+positions, grouped convs included), a matmul-like node (matmul, bmm, einsum, F.linear)
+by the kept fraction of every distinct index set it touches, `nn.MultiheadAttention` by
+its projections' weight fraction and its attention part by the kept share of heads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from fxslim.graph.coupling import CouplingGraph, iter_spaces
+from fxslim.graph.trace import as_input_tuple
+from fxslim.runtime.measure import no_mha_fastpath
+
+__all__ = ["CostModel"]
+
+_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+             nn.Linear)
+
+
+class CostModel:
+    """Per-node MACs and per-parameter sizes of a traced module, to price plans quickly.
+
+    Args:
+        gm: the analysed GraphModule.
+        cg: its coupling graph.
+        example_inputs: inputs for the one measuring forward (batch 1 is enough).
+    """
+
+    def __init__(self, gm: fx.GraphModule, cg: CouplingGraph, example_inputs: Any):
+        self.gm, self.cg = gm, cg
+        self.node_macs: dict[str, tuple[float, float]] = {}  # name -> (projection, attention) MACs
+        self.param_shapes = {k: tuple(p.shape) for k, p in gm.named_parameters()}
+        self._measure(as_input_tuple(example_inputs))
+        self.total_macs = sum(a + b for a, b in self.node_macs.values())
+        self.total_params = sum(int(np.prod(s)) for s in self.param_shapes.values())
+
+    def _measure(self, xs: tuple) -> None:
+        macs = self.node_macs
+        modules = dict(self.gm.named_modules())
+
+        class Count(fx.Interpreter):
+            def run_node(self, n: fx.Node) -> Any:
+                if n.op not in ("call_module", "call_function", "call_method"):
+                    return super().run_node(n)
+                with FlopCounterMode(display=False) as fc:
+                    out = super().run_node(n)
+                counts = fc.get_flop_counts().get("Global", {})
+                total = sum(counts.values()) / 2
+                if total:
+                    if isinstance(modules.get(n.target), nn.MultiheadAttention):
+                        proj = sum(v for k, v in counts.items() if "mm" in str(k) and "bmm" not in str(k)) / 2
+                        macs[n.name] = (proj, total - proj)
+                    else:
+                        macs[n.name] = (total, 0.0)
+                return out
+
+        with torch.inference_mode(), no_mha_fastpath():
+            Count(self.gm).run(*xs)
+
+    def _kept_fraction(self, keep: Mapping[tuple[str, int], np.ndarray], target: str) -> float:
+        shape = self.param_shapes.get(target)
+        if shape is None:
+            return 1.0
+        f = 1.0
+        for d, n in enumerate(shape):
+            k = keep.get((target, d))
+            if k is not None:
+                f *= len(k) / n
+        return f
+
+    def params(self, keep: Mapping[tuple[str, int], np.ndarray]) -> int:
+        """Parameter count after a plan's `keep` map (exact)."""
+        return int(round(sum(
+            int(np.prod(s)) * self._kept_fraction(keep, t) for t, s in self.param_shapes.items()
+        )))
+
+    def macs(self, keep: Mapping[tuple[str, int], np.ndarray], class_removed: Mapping[int, np.ndarray]) -> float:
+        """MACs after a plan (see the module docstring for the scaling rules)."""
+        cg, b = self.cg, self.cg.builder
+        nodes = {n.name: n for n in self.gm.graph.nodes}
+        modules = dict(self.gm.named_modules())
+
+        def ratio(space: int) -> float:
+            c = int(cg.class_of[space])
+            mask = class_removed.get(c)
+            return 1.0 if mask is None else 1.0 - mask.mean()
+
+        total = 0.0
+        for name, (proj, attn) in self.node_macs.items():
+            node = nodes[name]
+            mod = modules.get(node.target) if node.op == "call_module" else None
+            if isinstance(mod, _WEIGHTED):
+                total += proj * self._kept_fraction(keep, f"{node.target}.weight")
+            elif isinstance(mod, nn.MultiheadAttention):
+                heads = ratio(b.out[node.args[0]][-1])
+                total += proj * self._kept_fraction(keep, f"{node.target}.in_proj_weight") + attn * heads
+            else:  # matmul-like: every distinct index set it touches scales it once
+                classes = {}
+                for s in list(iter_spaces(b.out.get(node))) + [
+                    s for a in node.all_input_nodes for s in iter_spaces(b.out.get(a))
+                ]:
+                    classes.setdefault(int(cg.class_of[s]), s)
+                f = 1.0
+                for s in classes.values():
+                    f *= ratio(s)
+                total += proj * f
+        return total
