@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from bench import latency, prune_speed
+from bench import latency, latency_target, prune_speed
 
 OUT = Path(__file__).with_name("README.md")
 
@@ -39,6 +39,7 @@ def machine() -> str:
 def main() -> None:
     speed = prune_speed.table()
     lat = latency.table()
+    lt = latency_target.table()
     OUT.write_text(f"""# fxslim benchmarks
 
 Regenerate everything here with `python -m bench.report` (a quiet machine, ~25 minutes on
@@ -64,6 +65,14 @@ model *slower*, see the notes below). Batch 1, 2 threads, medians; "eff" = speed
 MACs reduction, 1.0 being the compute-bound limit (`python -m bench.latency`).
 
 {lat}
+
+## Latency target
+
+`fxslim.prune(model, x, target_latency=0.5, round_to=8)`: measured search (per-group
+latency probes, then a bisection on measured time); the result re-timed independently
+(`python -m bench.latency_target`).
+
+{lt}
 
 ## Notes
 

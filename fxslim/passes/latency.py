@@ -1,0 +1,137 @@
+"""Pruning toward a measured CPU latency.
+
+MACs are a poor proxy on CPUs (memory-bound depthwise layers, blocked kernels that want
+widths in multiples of 8 ...), so this pass measures instead of modelling:
+
+1. time the model (torch eager or onnxruntime, threads pinned, median of runs);
+2. probe each prunable group alone: prune `probe` of it, time again; the time saved
+   per unit removed is that group's *latency efficiency*;
+3. rank all units by importance (normalised per group) divided by their group's
+   efficiency, so that cheap-to-lose units in layers that buy time go first;
+4. bisect how many units go, timing each candidate, until the measured latency is
+   within `tol` of ``target * original``.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch.fx as fx
+from torch import nn
+
+from fxslim.errors import PlanMismatchError
+from fxslim.graph.coupling import CouplingGraph
+from fxslim.passes.policy import Policy, _round, score_groups
+from fxslim.passes.prune import apply_plan, make_plan
+from fxslim.runtime.measure import measure_latency, onnx_latency
+
+__all__ = ["latency_of", "prune_to_latency"]
+
+logger = logging.getLogger(__name__)
+
+
+def latency_of(model: nn.Module, example_inputs: Any, backend: str = "torch", threads: int | None = None,
+               runs: int = 20) -> float:
+    """Median latency in ms on `backend` ("torch" eager or "onnxruntime")."""
+    if backend == "torch":
+        return measure_latency(model, example_inputs, threads=threads, runs=runs)["median_ms"]
+    if backend == "onnxruntime":
+        from fxslim.passes.export import export_onnx  # noqa: PLC0415
+
+        with tempfile.TemporaryDirectory() as d:
+            path = export_onnx(model, example_inputs, Path(d) / "m.onnx", dynamic_batch=False).path
+            return onnx_latency(path, example_inputs, threads=threads or 1, runs=runs)["median_ms"]
+    raise PlanMismatchError(f"backend must be 'torch' or 'onnxruntime', got {backend!r}")
+
+
+def prune_to_latency(
+    gm: fx.GraphModule,
+    cg: CouplingGraph,
+    example_inputs: Any,
+    target: float,
+    policy: Policy,
+    importance: Callable,
+    *,
+    backend: str = "torch",
+    threads: int | None = None,
+    runs: int = 20,
+    probe: float = 0.5,
+    tol: float = 0.05,
+    steps: int = 8,
+    measure: Callable[[nn.Module], float] | None = None,
+) -> fx.GraphModule:
+    """Prune `gm` until its measured latency is `target` x the original (see the module doc).
+
+    Args:
+        measure: overrides the timing function (``module -> ms``), e.g. for tests.
+
+    Returns:
+        The pruned GraphModule; ``meta["fxslim_latency"]`` holds (original ms, final ms).
+    """
+    if not 0.0 < target < 1.0:
+        raise PlanMismatchError(f"target_latency is a fraction in (0, 1), got {target}")
+    time_of = measure or (lambda m: latency_of(m, example_inputs, backend, threads, runs))
+    base = time_of(gm)
+    scores = score_groups(gm, cg, importance, policy.ignore)
+    eff = {}
+    for gid, s in scores.items():
+        n = _round(len(s), int(np.floor(probe * len(s))), policy.round_to, len(s) - 1)
+        if n <= 0:
+            continue
+        units = sorted(np.argsort(s, kind="stable")[:n].tolist())
+        t = time_of(apply_plan(gm, cg, make_plan(cg, {gid: units}), example_inputs))
+        eff[gid] = max(base - t, 0.0) / n
+    pos = [e for e in eff.values() if e > 0]
+    floor = (min(pos) if pos else 1.0) * 0.1  # a group that bought nothing still can go, last
+    order = []
+    for gid, s in scores.items():
+        if gid not in eff:
+            continue
+        w = max(eff[gid], floor)
+        norm = s / (np.abs(s).mean() + 1e-12)
+        for u in np.argsort(s, kind="stable"):
+            order.append((norm[u] / w, gid, int(u)))
+    order.sort()
+    mr = policy.max_ratio if policy.max_ratio is not None else 1.0
+    caps = {gid: min(len(s) - 1, int(np.floor(mr * len(s) + 1e-9))) for gid, s in scores.items()}
+
+    def removal_for(k: int) -> dict[int, list[int]]:
+        taken: dict[int, list[int]] = {}
+        for _, gid, u in order:
+            if k <= 0:
+                break
+            if len(taken.get(gid, ())) < caps[gid]:
+                taken.setdefault(gid, []).append(u)
+                k -= 1
+        out = {}
+        for gid, units in taken.items():
+            n = _round(len(scores[gid]), len(units), policy.round_to, caps[gid])
+            if n > 0:  # the rounded count, lowest-priority units of this group first
+                ranked = [u for _, g, u in order if g == gid]
+                out[gid] = sorted(ranked[:n])
+        return out
+
+    goal = target * base
+    lo, hi = 0, len(order)
+    best = None
+    for _ in range(steps):
+        k = (lo + hi) // 2
+        plan = make_plan(cg, removal_for(k))
+        cand = apply_plan(gm, cg, plan, example_inputs)
+        t = time_of(cand)
+        if best is None or abs(t - goal) < abs(best[1] - goal):
+            best = (cand, t)
+        logger.info("latency search: %d units -> %.3f ms (goal %.3f ms)", k, t, goal)
+        if abs(t - goal) <= tol * goal:
+            break
+        lo, hi = (k, hi) if t > goal else (lo, k)
+        if hi - lo <= 1:
+            break
+    model, final = best
+    model.meta["fxslim_latency"] = (base, final)
+    return model

@@ -1,0 +1,41 @@
+"""The latency-target search, on a deterministic stand-in for the clock (no timing here:
+bench/latency_target.py measures the real thing)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+import fxslim
+from fxslim.passes.latency import latency_of
+from fxslim.runtime.measure import count_macs
+
+
+def test_search_reaches_target_under_a_deterministic_clock():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 32, 32)
+
+    # stand-in clock: layer4 is "free" (a memory-bound layer buys nothing), the rest costs MACs
+    def fake_ms(m):
+        base = count_macs(m, x)
+        l4 = sum(p.numel() for n, p in m.named_parameters() if n.startswith("layer4"))
+        return base / 1e6 + l4 / 1e7
+
+    small = fxslim.prune(model, x, target_latency=0.5, ignore=["fc"],
+                         latency_options={"measure": fake_ms, "tol": 0.03, "steps": 14})
+    base, final = small.meta["fxslim_latency"]
+    assert base == pytest.approx(fake_ms(fxslim.trace(model, x)))
+    assert abs(final / base - 0.5) <= 0.03
+    with torch.inference_mode():
+        assert small(x).shape == (1, 1000)
+
+
+def test_latency_of_backends_run(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()).eval()
+    x = torch.randn(1, 3, 16, 16)
+    assert latency_of(model, x, "torch", threads=1, runs=3) > 0
+    assert latency_of(model, x, "onnxruntime", threads=1, runs=3) > 0
+    with pytest.raises(fxslim.PlanMismatchError, match="backend"):
+        latency_of(model, x, "tpu")
