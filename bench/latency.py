@@ -55,7 +55,7 @@ def rows_for(name: str, runs: int = 20) -> list[str]:
 
 def table(names=tuple(MODELS)) -> str:
     rows = [
-        f"| model | variant | GMACs | MACs reduction | torch ms | torch speed-up | eff | onnxruntime ms | ort speed-up | eff |",
+        "| model | variant | GMACs | MACs reduction | torch ms | torch speed-up | eff | onnxruntime ms | ort speed-up | eff |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in names:

@@ -33,7 +33,7 @@ def run_fxslim(model: torch.nn.Module, x: torch.Tensor, head: str) -> torch.nn.M
 
 
 def run_torch_pruning(model: torch.nn.Module, x: torch.Tensor, head: str) -> torch.nn.Module:
-    import torch_pruning as tp  # noqa: PLC0415
+    import torch_pruning as tp
 
     m = model  # torch-pruning edits in place: callers pass a copy
     kw = {}

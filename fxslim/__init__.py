@@ -25,8 +25,8 @@ from fxslim.graph.coupling import ChannelGroup, CouplingGraph, Member
 from fxslim.graph.rules import register_rule
 from fxslim.graph.trace import trace
 from fxslim.passes.base import Pass, PassManager, PassResult
-from fxslim.passes.policy import prune
 from fxslim.passes.export import ExportReport, export_onnx
+from fxslim.passes.policy import prune
 from fxslim.passes.prune import PrunePlan, apply_plan, make_plan, prune_channels
 from fxslim.passes.saveload import load, save, save_pt2
 from fxslim.runtime.compare import compare
@@ -35,11 +35,36 @@ from fxslim.runtime.measure import count_macs, count_params, measure_latency
 __version__ = "0.1.0"
 
 __all__ = [
-    "trace", "analyze", "channel_groups", "prune_channels", "prune", "register_rule",
-    "make_plan", "apply_plan", "PrunePlan", "ChannelGroup", "CouplingGraph", "Member",
-    "export_onnx", "ExportReport", "save", "load", "save_pt2",
-    "compare", "count_macs", "count_params", "measure_latency",
-    "Pass", "PassManager", "PassResult",
-    "FxslimError", "TraceError", "UnsupportedOpError", "PinnedChannelsError", "PlanMismatchError",
-    "PassContractError", "ExportError", "SaveLoadError",
+    "ChannelGroup",
+    "CouplingGraph",
+    "ExportError",
+    "ExportReport",
+    "FxslimError",
+    "Member",
+    "Pass",
+    "PassContractError",
+    "PassManager",
+    "PassResult",
+    "PinnedChannelsError",
+    "PlanMismatchError",
+    "PrunePlan",
+    "SaveLoadError",
+    "TraceError",
+    "UnsupportedOpError",
+    "analyze",
+    "apply_plan",
+    "channel_groups",
+    "compare",
+    "count_macs",
+    "count_params",
+    "export_onnx",
+    "load",
+    "make_plan",
+    "measure_latency",
+    "prune",
+    "prune_channels",
+    "register_rule",
+    "save",
+    "save_pt2",
+    "trace",
 ]

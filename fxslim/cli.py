@@ -21,7 +21,7 @@ __all__ = ["main"]
 
 def _load_model(spec: str) -> torch.nn.Module:
     if spec.startswith("torchvision:"):
-        import torchvision  # noqa: PLC0415
+        import torchvision
 
         return torchvision.models.get_model(spec.split(":", 1)[1]).eval()
     raise FxslimError(f"unknown model spec '{spec}' (use torchvision:<name>)")
@@ -32,9 +32,9 @@ def _shape(text: str) -> tuple[int, ...]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import fxslim  # noqa: PLC0415
-    from fxslim.runtime.compare import compare  # noqa: PLC0415
-    from fxslim.runtime.examples import DigitsResNet, accuracy, digits_loaders, fit  # noqa: PLC0415
+    import fxslim
+    from fxslim.runtime.compare import compare
+    from fxslim.runtime.examples import DigitsResNet, accuracy, digits_loaders, fit
 
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
@@ -56,7 +56,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_groups(args: argparse.Namespace) -> int:
-    import fxslim  # noqa: PLC0415
+    import fxslim
 
     model = _load_model(args.model)
     for g in fxslim.channel_groups(model, torch.randn(*_shape(args.shape))):
@@ -65,8 +65,8 @@ def cmd_groups(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    import fxslim  # noqa: PLC0415
-    from fxslim.runtime.compare import compare  # noqa: PLC0415
+    import fxslim
+    from fxslim.runtime.compare import compare
 
     model = _load_model(args.model)
     x = torch.randn(*_shape(args.shape))

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 __all__ = [
+    "ExportError",
     "FxslimError",
-    "TraceError",
-    "UnsupportedOpError",
+    "PassContractError",
     "PinnedChannelsError",
     "PlanMismatchError",
-    "PassContractError",
-    "ExportError",
     "SaveLoadError",
+    "TraceError",
+    "UnsupportedOpError",
 ]
 
 

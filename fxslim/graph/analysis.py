@@ -6,8 +6,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-import torch.fx as fx
-from torch import nn
+from torch import fx, nn
 
 from fxslim.graph import rules as R
 from fxslim.graph.coupling import Builder, ChannelGroup, CouplingGraph

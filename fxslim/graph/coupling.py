@@ -29,14 +29,13 @@ from typing import Any
 
 import networkx as nx
 import numpy as np
-import torch.fx as fx
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
-from torch import nn
+from torch import fx, nn
 
 from fxslim.errors import PassContractError
 
-__all__ = ["Member", "ChannelGroup", "CouplingGraph", "Builder", "where"]
+__all__ = ["Builder", "ChannelGroup", "CouplingGraph", "Member", "where"]
 
 logger = logging.getLogger(__name__)
 

@@ -19,14 +19,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from fxslim.graph.coupling import Builder, where
 from fxslim.graph.trace import node_shapes
 
-__all__ = ["Rule", "RULES", "register_rule", "lookup_rule", "SHAPE_QUERIES"]
+__all__ = ["RULES", "SHAPE_QUERIES", "Rule", "lookup_rule", "register_rule"]
 
 
 @dataclass(frozen=True)
@@ -1150,7 +1149,7 @@ for _m in _ELEMENTWISE_METHODS:
 for _m in _ELEMENTWISE_MODULES:
     register_rule(_m, elementwise)
 
-def _CONV_ATTRS(mod: nn.Module) -> tuple:  # noqa: N802
+def _CONV_ATTRS(mod: nn.Module) -> tuple:
     if mod.groups == 1:
         return (("out_channels", "weight", 0), ("in_channels", "weight", 1))
     return (("out_channels", "weight", 0), ("groups", "weight", 0), ("in_channels", "weight", 0))
@@ -1257,8 +1256,8 @@ _LITERAL_DIMS = {
 def _register_torchvision() -> None:
     """torchvision's wrapped ops that are plain identities on channels."""
     try:
-        from torchvision.ops import stochastic_depth  # noqa: PLC0415
-        from torchvision.ops.misc import Permute  # noqa: PLC0415
+        from torchvision.ops import stochastic_depth
+        from torchvision.ops.misc import Permute
     except Exception:  # torchvision is optional
         return
     register_rule(stochastic_depth, same_as_input)  # drops whole samples or rows, never channels

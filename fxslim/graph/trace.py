@@ -15,15 +15,19 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-import torch.fx as fx
-from torch import nn
+from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata, _extract_tensor_metadata
 
 from fxslim.errors import TraceError
 
 __all__ = [
-    "trace", "as_input_tuple", "node_shapes", "FxslimTracer", "copy_structure", "propagate_shapes",
+    "FxslimTracer",
+    "as_input_tuple",
+    "copy_structure",
     "fingerprint",
+    "node_shapes",
+    "propagate_shapes",
+    "trace",
 ]
 
 logger = logging.getLogger(__name__)

@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch.fx as fx
+from torch import fx
 
 from fxslim.errors import PassContractError
 
-__all__ = ["PassResult", "Pass", "PassManager"]
+__all__ = ["Pass", "PassManager", "PassResult"]
 
 
 @dataclass

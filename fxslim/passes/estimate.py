@@ -17,8 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.fx as fx
-from torch import nn
+from torch import fx, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from fxslim.graph.coupling import CouplingGraph, iter_spaces

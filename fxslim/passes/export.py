@@ -66,7 +66,7 @@ class ExportReport:
 
 def onnx_session(path: str | os.PathLike, threads: int | None = None) -> Any:
     """An onnxruntime session on the CPU provider (threads pinned when given)."""
-    import onnxruntime as ort  # noqa: PLC0415
+    import onnxruntime as ort
 
     opts = ort.SessionOptions()
     if threads is not None:
@@ -152,7 +152,7 @@ def export_onnx(
         >>> report.max_diff < 1e-4
         True
     """
-    import onnx  # noqa: PLC0415
+    import onnx
 
     inputs = as_input_tuple(example_inputs)
     path = Path(path)
@@ -171,7 +171,7 @@ def export_onnx(
         simplified = False
         if simplify and not external:
             try:
-                import onnxsim  # noqa: PLC0415
+                import onnxsim
 
                 simp, ok = onnxsim.simplify(proto)
                 if ok:

@@ -23,15 +23,22 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.fx as fx
-from torch import nn
+from torch import fx, nn
 
 from fxslim.graph.coupling import ChannelGroup, Member
 
 __all__ = [
-    "Importance", "MagnitudeImportance", "BNScaleImportance", "TaylorImportance",
-    "ActivationImportance", "SensitivityImportance", "LAMPImportance", "RandomImportance",
-    "l1_importance", "get_importance", "reduce_units",
+    "ActivationImportance",
+    "BNScaleImportance",
+    "Importance",
+    "LAMPImportance",
+    "MagnitudeImportance",
+    "RandomImportance",
+    "SensitivityImportance",
+    "TaylorImportance",
+    "get_importance",
+    "l1_importance",
+    "reduce_units",
 ]
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish, nn.LeakyReLU)

@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch.fx as fx
-from torch import nn
+from torch import fx, nn
 
 from fxslim.errors import PlanMismatchError
 from fxslim.graph.coupling import CouplingGraph
@@ -41,7 +40,7 @@ def latency_of(model: nn.Module, example_inputs: Any, backend: str = "torch", th
     if backend == "torch":
         return measure_latency(model, example_inputs, threads=threads, runs=runs)["median_ms"]
     if backend == "onnxruntime":
-        from fxslim.passes.export import export_onnx  # noqa: PLC0415
+        from fxslim.passes.export import export_onnx
 
         with tempfile.TemporaryDirectory() as d:
             path = export_onnx(model, example_inputs, Path(d) / "m.onnx", dynamic_batch=False).path

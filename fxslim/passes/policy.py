@@ -26,8 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch.fx as fx
-from torch import nn
+from torch import fx, nn
 
 from fxslim.errors import PlanMismatchError
 from fxslim.graph.analysis import analyze
@@ -39,8 +38,14 @@ from fxslim.passes.importance import get_importance, l1_importance
 from fxslim.passes.prune import PrunePlan, apply_plan, make_plan
 
 __all__ = [
-    "Policy", "PlanReport", "allocate", "uniform_removal", "UniformPrunePass", "prune", "prune_to_macs",
+    "PlanReport",
+    "Policy",
+    "UniformPrunePass",
+    "allocate",
     "plan_prune",
+    "prune",
+    "prune_to_macs",
+    "uniform_removal",
 ]
 
 logger = logging.getLogger(__name__)
@@ -355,7 +360,7 @@ def prune(
     gm = trace(model, example_inputs, share_weights=True, **trace_kwargs)
     cg = analyze(gm)
     if target_latency is not None:
-        from fxslim.passes.latency import prune_to_latency  # noqa: PLC0415
+        from fxslim.passes.latency import prune_to_latency
 
         return prune_to_latency(gm, cg, example_inputs, target_latency, policy, crit, **(latency_options or {}))
     if target_macs is None and target_params is None and not dry_run:  # no pricing needed

@@ -10,7 +10,6 @@ re-propagates shapes: a producer/consumer mismatch fails there, not in the user'
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -19,8 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.fx as fx
-from torch import nn
+from torch import fx, nn
 
 from fxslim.errors import PassContractError, PinnedChannelsError, PlanMismatchError, TraceError
 from fxslim.graph import rules as R
@@ -29,8 +27,13 @@ from fxslim.graph.trace import as_input_tuple, copy_structure, propagate_shapes
 from fxslim.passes.base import Pass, PassResult
 
 __all__ = [
-    "PrunePlan", "make_plan", "apply_plan", "PruneChannelsPass", "prune_channels", "find_member",
+    "PruneChannelsPass",
+    "PrunePlan",
+    "apply_plan",
+    "find_member",
+    "make_plan",
     "plan_record",
+    "prune_channels",
 ]
 
 logger = logging.getLogger(__name__)
@@ -298,8 +301,8 @@ def prune_channels(model: nn.Module, example_inputs: Any, request: Mapping[str, 
     Example:
         >>> small = fxslim.prune_channels(resnet18(), x, {"layer1.0.conv1": [3, 7]})
     """
-    from fxslim.graph.analysis import analyze  # noqa: PLC0415
-    from fxslim.graph.trace import trace  # noqa: PLC0415
+    from fxslim.graph.analysis import analyze
+    from fxslim.graph.trace import trace
 
     gm = trace(model, example_inputs, share_weights=True, **trace_kwargs)
     cg = analyze(gm)

@@ -19,7 +19,7 @@ from torch import nn
 
 from fxslim.graph.coupling import CouplingGraph
 
-__all__ = ["l1_penalty", "bn_scale_penalty", "GroupLasso"]
+__all__ = ["GroupLasso", "bn_scale_penalty", "l1_penalty"]
 
 _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 

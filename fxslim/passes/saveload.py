@@ -26,15 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.fx as fx
-from torch import nn
+from torch import fx, nn
 
 from fxslim.errors import FxslimError, SaveLoadError
 from fxslim.graph.analysis import analyze
 from fxslim.graph.trace import trace
 from fxslim.passes.prune import apply_plan, find_recorded_group, make_plan
 
-__all__ = ["save", "load", "save_pt2", "PLAN_FORMAT"]
+__all__ = ["PLAN_FORMAT", "load", "save", "save_pt2"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +68,9 @@ def save(model: fx.GraphModule, directory: str | os.PathLike) -> Path:
         >>> fxslim.save(small, "out/resnet18-50")
         >>> again = fxslim.load("out/resnet18-50", model=torchvision.models.resnet18())
     """
-    from safetensors.torch import save_file  # noqa: PLC0415
+    from safetensors.torch import save_file
 
-    import fxslim  # noqa: PLC0415
+    import fxslim
 
     meta = getattr(model, "meta", {}) or {}
     if "fxslim_source" not in meta:
@@ -142,8 +141,8 @@ def load(directory: str | os.PathLike, model: nn.Module) -> fx.GraphModule:
         SaveLoadError: corrupt or truncated files, another architecture, missing, extra
             or misshapen tensors. Nothing is modified when it is raised.
     """
-    from safetensors import SafetensorError  # noqa: PLC0415
-    from safetensors.torch import load_file  # noqa: PLC0415
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
     target = Path(directory)
     plan = _read_plan(target)
@@ -201,7 +200,7 @@ def load(directory: str | os.PathLike, model: nn.Module) -> fx.GraphModule:
 
 def save_pt2(model: nn.Module, example_inputs: Any, path: str | os.PathLike) -> Path:
     """Also offered: a `torch.export` program (.pt2) for users who deploy with it."""
-    from fxslim.graph.trace import as_input_tuple  # noqa: PLC0415
+    from fxslim.graph.trace import as_input_tuple
 
     path = Path(path)
     prog = torch.export.export(model.eval(), as_input_tuple(example_inputs))

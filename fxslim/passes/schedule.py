@@ -10,8 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch.fx as fx
-from torch import nn
+from torch import fx, nn
 
 from fxslim.errors import PlanMismatchError
 from fxslim.graph.analysis import analyze

@@ -22,7 +22,7 @@ from fxslim.graph.coupling import CouplingGraph
 from fxslim.graph.trace import as_input_tuple
 from fxslim.passes.prune import PrunePlan, _get_tensor, apply_plan, make_plan
 
-__all__ = ["slicing_mismatches", "zero_channels", "dead_channel_check", "max_scaled_diff"]
+__all__ = ["dead_channel_check", "max_scaled_diff", "slicing_mismatches", "zero_channels"]
 
 
 def slicing_mismatches(original: nn.Module, pruned: nn.Module, plan: PrunePlan) -> list[str]:

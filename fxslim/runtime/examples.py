@@ -11,13 +11,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ["digits_loaders", "DigitsResNet", "fit", "accuracy"]
+__all__ = ["DigitsResNet", "accuracy", "digits_loaders", "fit"]
 
 
 def digits_loaders(batch_size: int = 64, seed: int = 0, val_share: float = 0.2) -> tuple[DataLoader, DataLoader]:
     """Stratified, seeded train/validation loaders over sklearn's digits, as (N, 1, 8, 8) floats."""
-    from sklearn.datasets import load_digits  # noqa: PLC0415
-    from sklearn.model_selection import train_test_split  # noqa: PLC0415
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
 
     d = load_digits()
     x = (d.images.astype(np.float32) / 16.0 - 0.5) / 0.5

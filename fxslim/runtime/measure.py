@@ -12,7 +12,12 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = [
-    "count_params", "count_macs", "measure_latency", "onnx_latency", "throughput", "peak_memory_bytes",
+    "count_macs",
+    "count_params",
+    "measure_latency",
+    "onnx_latency",
+    "peak_memory_bytes",
+    "throughput",
 ]
 
 
@@ -25,7 +30,7 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-class no_mha_fastpath:  # noqa: N801
+class no_mha_fastpath:
     """nn.MultiheadAttention's fused inference kernel has no FLOP formula: count the
     unfused path, whose arithmetic is the same."""
 
@@ -33,7 +38,7 @@ class no_mha_fastpath:  # noqa: N801
         self.old = torch.backends.mha.get_fastpath_enabled()
         torch.backends.mha.set_fastpath_enabled(False)
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         torch.backends.mha.set_fastpath_enabled(self.old)
 
 
@@ -91,7 +96,7 @@ def measure_latency(
 
 def onnx_latency(path: str, example_inputs: Any, *, threads: int = 1, warmup: int = 5, runs: int = 30) -> dict[str, float]:
     """Median and p90 latency (ms) of an ONNX file in onnxruntime on the CPU provider."""
-    import onnxruntime as ort  # noqa: PLC0415
+    import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -120,7 +125,7 @@ def peak_memory_bytes(model: nn.Module, example_inputs: Any) -> int:
     From torch.profiler's memory events: the running sum of allocations and frees in
     time order, maximised.
     """
-    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+    from torch.profiler import ProfilerActivity, profile
 
     xs = _tuple(example_inputs)
     with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:

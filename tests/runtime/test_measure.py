@@ -6,7 +6,13 @@ import torch
 from torch import nn
 
 import fxslim
-from fxslim.runtime.measure import count_macs, count_params, measure_latency, peak_memory_bytes, throughput
+from fxslim.runtime.measure import (
+    count_macs,
+    count_params,
+    measure_latency,
+    peak_memory_bytes,
+    throughput,
+)
 
 
 def test_latency_statistics_and_call_counts():
