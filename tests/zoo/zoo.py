@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torchvision
+
+from tests.helpers import random_removal  # noqa: F401  (re-exported for the zoo tests)
 
 ZOO = torchvision.models.list_models(module=torchvision.models)
 
@@ -54,14 +55,3 @@ def _randomise_norms(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.rand(p.shape, generator=g) + 0.5)
             elif p.dim() > 1 and not p.any():  # zero-initialised heads hide everything
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-
-
-def random_removal(cg, rng: np.random.Generator, share: float = 0.25, stat_ok: bool = False):
-    """Pick ~share of the units of every prunable group (only stat-free groups by default)."""
-    removal = {}
-    for grp in cg.groups:
-        if not grp.prunable or (grp.stat and not stat_ok):
-            continue
-        n = max(1, min(grp.size - 1, int(round(share * grp.size))))
-        removal[grp.id] = sorted(rng.choice(grp.size, size=n, replace=False).tolist())
-    return removal
