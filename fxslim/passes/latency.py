@@ -63,16 +63,19 @@ def prune_to_latency(
     tol: float = 0.05,
     steps: int = 8,
     measure: Callable[[nn.Module], float] | None = None,
+    macs_target: float | None = None,
 ) -> fx.GraphModule:
     """Prune `gm` until its measured latency is `target` x the original (see the module doc).
 
     Args:
         measure: overrides the timing function (``module -> ms``), e.g. for tests.
+        macs_target: instead of a latency, stop at this fraction of the original MACs
+            (the probes still decide where the budget goes: latency-aware at equal MACs).
 
     Returns:
         The pruned GraphModule; ``meta["fxslim_latency"]`` holds (original ms, final ms).
     """
-    if not 0.0 < target < 1.0:
+    if macs_target is None and not 0.0 < target < 1.0:
         raise PlanMismatchError(f"target_latency is a fraction in (0, 1), got {target}")
     time_of = measure or (lambda m: latency_of(m, example_inputs, backend, threads, runs))
     base = time_of(gm)
@@ -115,6 +118,21 @@ def prune_to_latency(
                 out[gid] = sorted(ranked[:n])
         return out
 
+    if macs_target is not None:  # spend a MACs budget where the probes say time is bought
+        from fxslim.passes.estimate import CostModel  # noqa: PLC0415
+
+        cost = CostModel(gm, cg, example_inputs)
+        lo, hi, plan = 0, len(order), None
+        while lo < hi:
+            k = (lo + hi) // 2
+            cand = make_plan(cg, removal_for(k))
+            if cost.macs(cand.keep, cand.class_removed) / cost.total_macs > macs_target:
+                lo = k + 1
+            else:
+                hi, plan = k, cand
+        model = apply_plan(gm, cg, plan or make_plan(cg, removal_for(lo)), example_inputs)
+        model.meta["fxslim_latency"] = (base, None)
+        return model
     goal = target * base
     lo, hi = 0, len(order)
     best = None
