@@ -125,3 +125,13 @@ def test_save_needs_an_fxslim_model(tmp_path):
     with pytest.raises(fxslim.SaveLoadError, match="produced by fxslim"):
         fxslim.save(torch.fx.symbolic_trace(torch.nn.Linear(2, 2)), tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_save_pt2_round_trip(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    small = fxslim.prune(model, x, 0.5)
+    path = fxslim.save_pt2(small, x, tmp_path / "small.pt2")
+    prog = torch.export.load(path)
+    with torch.inference_mode():
+        assert torch.equal(prog.module()(x), small(x))
