@@ -114,6 +114,16 @@ def plan_record(cg: CouplingGraph, plan: PrunePlan) -> dict[str, Any]:
     return {"groups": groups}
 
 
+def _compose_keep(prev: dict[str, list[int]], keep: dict[tuple[str, int], np.ndarray]) -> dict[str, list[int]]:
+    """Indices into the *original* model kept per "target:dim", across successive prunes."""
+    out = dict(prev)
+    for (target, dim), kept in keep.items():
+        key = f"{target}:{dim}"
+        base = np.asarray(prev[key]) if key in prev else np.arange(int(kept.max()) + 1 if len(kept) else 0)
+        out[key] = base[kept].tolist() if key in prev else kept.tolist()
+    return out
+
+
 def _nth(cg: CouplingGraph, grp: ChannelGroup) -> int:
     """Index of `grp` among the groups that share its root member (a split conv output)."""
     same = [g.id for g in cg.groups if g.root == grp.root]
@@ -176,6 +186,7 @@ def apply_plan(gm: fx.GraphModule, cg: CouplingGraph, plan: PrunePlan, example_i
             sync(mod)
     _fix_literals(new, gm, cg, plan)
     new.meta["fxslim_history"] = list(gm.meta.get("fxslim_history", [])) + [plan_record(cg, plan)]
+    new.meta["fxslim_keep"] = _compose_keep(gm.meta.get("fxslim_keep", {}), plan.keep)
     new.recompile()
     new.graph.lint()
     try:

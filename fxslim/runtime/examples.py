@@ -30,6 +30,39 @@ def digits_loaders(batch_size: int = 64, seed: int = 0, val_share: float = 0.2) 
             DataLoader(val, batch_size=256))
 
 
+def mnist1d_loaders(batch_size: int = 128, seed: int = 0) -> tuple[DataLoader, DataLoader]:
+    """MNIST-1D (built offline by the `mnist1d` package): 4000 train / 1000 test signals of
+    length 40, as (N, 1, 40) floats. Its authors report logistic regression 32%, MLP 68%,
+    CNN 94%, human 96%."""
+    from mnist1d.data import get_dataset_args, make_dataset  # noqa: PLC0415
+
+    args = get_dataset_args()
+    args.seed = 42  # the published dataset; `seed` only shuffles batches
+    d = make_dataset(args)
+    g = torch.Generator().manual_seed(seed)
+    tr = TensorDataset(torch.tensor(d["x"], dtype=torch.float32)[:, None], torch.tensor(d["y"]).long())
+    te = TensorDataset(torch.tensor(d["x_test"], dtype=torch.float32)[:, None], torch.tensor(d["y_test"]).long())
+    return DataLoader(tr, batch_size=batch_size, shuffle=True, generator=g), DataLoader(te, batch_size=512)
+
+
+class MNIST1DCNN(nn.Module):
+    """A 1-D CNN for MNIST-1D (three conv layers with BatchNorm, global pool, linear head)."""
+
+    def __init__(self, width: int = 64, num_classes: int = 10):
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            nn.Conv1d(1, w, 5, padding=2), nn.BatchNorm1d(w), nn.ReLU(),
+            nn.Conv1d(w, w, 3, padding=1, stride=2), nn.BatchNorm1d(w), nn.ReLU(),
+            nn.Conv1d(w, 2 * w, 3, padding=1, stride=2), nn.BatchNorm1d(2 * w), nn.ReLU(),
+            nn.Conv1d(2 * w, 2 * w, 3, padding=1), nn.BatchNorm1d(2 * w), nn.ReLU(),
+        )
+        self.fc = nn.Linear(2 * w * 10, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.features(x), 1))
+
+
 def _block(c_in: int, c_out: int, stride: int = 1) -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),

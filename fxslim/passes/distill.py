@@ -1,0 +1,354 @@
+"""Distillation: recover a pruned (or any smaller) student's accuracy from its teacher(s).
+
+Logit loss, with temperature T and mix alpha, for student logits s, teacher logits t and
+labels y::
+
+    L = (1 - alpha) * CE(s, y) + alpha * T^2 * KL(softmax(t / T) || softmax(s / T))
+
+(the T^2 keeps the soft term's gradient scale independent of T). Without labels the CE
+term is dropped (alpha = 1). Several teachers: the soft target is the weighted mean of
+their softmax(t_k / T), weights summing to one.
+
+Feature loss: mean squared error between chosen intermediate features. When the student
+was produced by fxslim from the teacher, student channel i *is* teacher channel
+``keep[i]`` (``student.meta["fxslim_keep"]``), so the teacher feature is simply indexed,
+with no learned adapter; for another architecture a learned 1x1 projection maps student
+channels to teacher channels.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxslim.errors import FxslimError
+from fxslim.runtime.metrics import classification_metrics
+
+__all__ = ["kd_loss", "mix_teachers", "channel_map", "FeatureDistiller", "distill", "DistillResult"]
+
+logger = logging.getLogger(__name__)
+
+
+def kd_loss(student: torch.Tensor, teacher_probs: torch.Tensor, labels: torch.Tensor | None,
+            alpha: float = 0.9, T: float = 4.0) -> torch.Tensor:  # noqa: N803
+    """(1 - alpha) CE(student, labels) + alpha T^2 KL(teacher_probs || softmax(student / T)).
+
+    Args:
+        student: student logits (N, C).
+        teacher_probs: the teacher's softened probabilities softmax(t / T), (N, C).
+        labels: class indices, or None (teacher targets only).
+    """
+    soft = F.kl_div(F.log_softmax(student / T, dim=1), teacher_probs, reduction="batchmean") * T * T
+    if labels is None:
+        return soft
+    return (1 - alpha) * F.cross_entropy(student, labels) + alpha * soft
+
+
+def mix_teachers(logits: Sequence[torch.Tensor], weights: Sequence[float] | None = None, T: float = 4.0) -> torch.Tensor:  # noqa: N803
+    """Weighted mean of softmax(t_k / T) over teachers (weights normalised to sum to one)."""
+    w = torch.tensor(weights if weights is not None else [1.0] * len(logits), dtype=logits[0].dtype)
+    w = w / w.sum()
+    return sum(wk * F.softmax(t / T, dim=1) for wk, t in zip(w, logits))
+
+
+def channel_map(student: nn.Module, layer: str) -> torch.Tensor | None:
+    """Teacher channel of each output channel of `layer` in an fxslim-pruned student.
+
+    Returns None when the layer was not pruned (channel i is channel i).
+    """
+    keep = (getattr(student, "meta", {}) or {}).get("fxslim_keep", {})
+    mod = student.get_submodule(layer)
+    if isinstance(mod, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Embedding)):
+        key = f"{layer}.weight:1"  # these keep their output channels on weight dim 1
+    elif isinstance(mod, nn.MultiheadAttention):
+        key = f"{layer}.out_proj.weight:0"
+    else:
+        key = f"{layer}.weight:0"
+    return torch.as_tensor(keep[key]) if key in keep else None
+
+
+class _Tap:
+    """Records a module's output on every forward."""
+
+    def __init__(self, module: nn.Module):
+        self.out: torch.Tensor | None = None
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, mod: nn.Module, args: Any, out: Any) -> None:
+        self.out = out
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+class FeatureDistiller(nn.Module):
+    """MSE between student and teacher features at named layers (channel dim 1).
+
+    Args:
+        student, teacher: the two models (hooks are added to the named layers).
+        layers: layer paths present in both (e.g. ["layer1.0.conv1"]).
+        student_layers: the student's paths when they differ (another architecture).
+        project: learn a 1x1 projection per layer instead of channel alignment (needed
+            when the student is not an fxslim-pruned copy of the teacher).
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, layers: Sequence[str],
+                 student_layers: Sequence[str] | None = None, project: bool = False):
+        super().__init__()
+        self.layers = list(layers)
+        s_layers = list(student_layers or layers)
+        self.s_taps = [_Tap(student.get_submodule(p)) for p in s_layers]
+        self.t_taps = [_Tap(teacher.get_submodule(p)) for p in self.layers]
+        self.maps = [None if project else channel_map(student, p) for p in s_layers]
+        self.project = project
+        self.proj = nn.ModuleDict()
+
+    def loss(self) -> torch.Tensor:
+        total = torch.zeros(())
+        for i, (s, t) in enumerate(zip(self.s_taps, self.t_taps)):
+            fs, ft = s.out, t.out.detach()
+            if self.project:
+                key = str(i)
+                if key not in self.proj:
+                    conv = nn.Conv2d if fs.dim() == 4 else nn.Conv1d
+                    self.proj[key] = conv(fs.shape[1], ft.shape[1], 1, bias=False).to(fs.device)
+                fs = self.proj[key](fs)
+            elif self.maps[i] is not None:
+                ft = ft.index_select(1, self.maps[i].to(ft.device))
+            if fs.shape != ft.shape:
+                raise FxslimError(
+                    f"feature shapes differ at '{self.layers[i]}': student {tuple(fs.shape)}, "
+                    f"teacher {tuple(ft.shape)}; use project=True for another architecture"
+                )
+            total = total + F.mse_loss(fs, ft)
+        return total / max(len(self.s_taps), 1)
+
+    def remove(self) -> None:
+        for tap in self.s_taps + self.t_taps:
+            tap.remove()
+
+
+@dataclass
+class DistillResult:
+    """What `distill` returns: the student (best epoch restored) and the history."""
+
+    student: nn.Module
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = -1
+
+
+def _is_dist() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if _is_dist() else 0
+
+
+def _mean_over_ranks(value: float) -> float:
+    """The same number on every rank, so that every rank restores the same best epoch."""
+    if not _is_dist():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return float(t.item()) / torch.distributed.get_world_size()
+
+
+def _batches(loader: Iterable, device: torch.device):
+    for batch in loader:
+        if isinstance(batch, (tuple, list)) and len(batch) == 2:
+            yield batch[0].to(device), batch[1].to(device)
+        else:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            yield x.to(device), None
+
+
+def _distributed_loader(loader: Any, seed: int) -> Any:
+    from torch.utils.data import DataLoader, DistributedSampler  # noqa: PLC0415
+
+    sampler = DistributedSampler(loader.dataset, shuffle=True, seed=seed)
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler,
+                      num_workers=loader.num_workers), sampler
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, data: Iterable, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Accuracy, macro precision, recall and F1 of a classifier on labelled data."""
+    model.eval()
+    preds, labels = [], []
+    for x, y in _batches(data, torch.device(device)):
+        preds.append(model(x).argmax(1).cpu())
+        labels.append(y.cpu())
+    return classification_metrics(torch.cat(preds), torch.cat(labels))
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module | Sequence[nn.Module],
+    train_data: Iterable,
+    val_data: Iterable | None = None,
+    *,
+    epochs: int = 5,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    alpha: float = 0.9,
+    temperature: float = 4.0,
+    teacher_weights: Sequence[float] | None = None,
+    features: Sequence[str] | None = None,
+    feature_weight: float = 1.0,
+    student_features: Sequence[str] | None = None,
+    project_features: bool = False,
+    regularizer: Callable[[nn.Module], torch.Tensor] | None = None,
+    reg_weight: float = 0.0,
+    clip_grad: float | None = 5.0,
+    device: str | None = None,
+    amp: bool | None = None,
+    seed: int = 0,
+    callbacks: Sequence[Callable[[int, dict[str, float], nn.Module], None]] = (),
+    progress: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None,
+) -> DistillResult:
+    """Train `student` against `teacher` (or several), labels optional.
+
+    Args:
+        student: the model to train (trained in place; the best epoch is restored).
+        teacher: one model or a sequence (their soft targets are mixed by `teacher_weights`).
+        train_data / val_data: iterables of (inputs, labels) or of inputs alone.
+        alpha, temperature: the logit loss's mix and temperature (see the module doc).
+        features: layer paths for feature distillation (channel-aligned for fxslim
+            students; `project_features=True` for other architectures).
+        regularizer: e.g. ``GroupLasso(...)`` or ``bn_scale_penalty``, times `reg_weight`.
+        clip_grad: max gradient norm (None disables).
+        device: "cpu" or "cuda" (default: cuda when available). `amp`: mixed precision
+            (default: on for CUDA).
+        seed: seeds torch for the run.
+        callbacks: ``cb(epoch, metrics, student)`` after each epoch (rank 0 only).
+        checkpoint_dir: rank 0 writes ``best.pt`` (state dict) here.
+
+    Under ``torchrun`` (torch.distributed initialised) the student is wrapped in
+    DistributedDataParallel, the training data gets a DistributedSampler, and only rank
+    0 logs, calls callbacks and writes files.
+
+    Returns:
+        A `DistillResult` with per-epoch metrics.
+
+    Example:
+        >>> res = fxslim.distill(small, model, train, val, epochs=3, features=["layer1.0.conv1"])
+    """
+    torch.manual_seed(seed)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    use_amp = (dev.type == "cuda") if amp is None else amp
+    teachers = list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
+    saved = [(t, t.training, [(p, p.requires_grad) for p in t.parameters()]) for t in teachers]
+    for t in teachers:
+        t.to(dev).eval()
+        for p in t.parameters():
+            p.requires_grad_(False)
+    try:
+        return _train(student, teachers, train_data, val_data, dev, use_amp, epochs, lr, weight_decay, alpha,
+                      temperature, teacher_weights, features, feature_weight, student_features,
+                      project_features, regularizer, reg_weight, clip_grad, seed, callbacks, progress,
+                      checkpoint_dir)
+    finally:  # the teachers are the user's models: give them back as they were
+        for t, mode, flags in saved:
+            t.train(mode)
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+
+def _train(student, teachers, train_data, val_data, dev, use_amp, epochs, lr, weight_decay, alpha,
+           temperature, teacher_weights, features, feature_weight, student_features, project_features,
+           regularizer, reg_weight, clip_grad, seed, callbacks, progress, checkpoint_dir) -> DistillResult:
+    student.to(dev)
+    feat = None
+    if features:
+        feat = FeatureDistiller(student, teachers[0], features, student_features, project_features)
+    model: nn.Module = student
+    sampler = None
+    if _is_dist():
+        from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: PLC0415
+
+        model = DDP(student, device_ids=[dev.index] if dev.type == "cuda" else None)
+        train_data, sampler = _distributed_loader(train_data, seed)
+    params = list(student.parameters()) + (list(feat.parameters()) if feat is not None and project_features else [])
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    steps = max(1, epochs * len(train_data)) if hasattr(train_data, "__len__") else max(1, epochs * 100)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    scaler = torch.amp.GradScaler(dev.type, enabled=use_amp)
+    rank0 = _rank() == 0
+    result = DistillResult(student)
+    best_score, best_state = -math.inf, None
+    step = 0
+    for epoch in range(epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        model.train()
+        seen = right = 0
+        total = 0.0
+        it = _batches(train_data, dev)
+        if progress and rank0:
+            from tqdm.auto import tqdm  # noqa: PLC0415
+
+            it = tqdm(it, total=len(train_data) if hasattr(train_data, "__len__") else None,
+                      desc=f"epoch {epoch + 1}/{epochs}", leave=False)
+        for x, y in it:
+            with torch.autocast(dev.type, enabled=use_amp):
+                with torch.no_grad():
+                    t_logits = [t(x) for t in teachers]
+                out = model(x)
+                probs = mix_teachers([tl.float() for tl in t_logits], teacher_weights, temperature)
+                loss = kd_loss(out.float(), probs, y, alpha, temperature)
+                if feat is not None:
+                    loss = loss + feature_weight * feat.loss()
+                if regularizer is not None and reg_weight:
+                    loss = loss + reg_weight * regularizer(student)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if clip_grad is not None:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(params, clip_grad)
+            scaler.step(opt)
+            scaler.update()
+            if step < steps - 1:
+                sched.step()
+            step += 1
+            total += float(loss) * len(x)
+            seen += len(x)
+            if y is not None:
+                right += int((out.argmax(1) == y).sum())
+            if progress and rank0 and hasattr(it, "set_postfix"):
+                it.set_postfix(loss=total / seen, acc=right / seen if y is not None else float("nan"))
+        if _is_dist():  # BatchNorm statistics were updated on each rank's own batches
+            for buf in student.buffers():
+                torch.distributed.broadcast(buf, 0)
+        metrics = {"epoch": epoch, "train_loss": _mean_over_ranks(total / max(seen, 1))}
+        if y is not None:
+            metrics["train_acc"] = _mean_over_ranks(right / max(seen, 1))
+        if val_data is not None:
+            metrics |= {f"val_{k}": v for k, v in evaluate(student, val_data, dev).items()}
+        score = metrics.get("val_accuracy", -metrics["train_loss"])
+        if score > best_score:
+            best_score, best_state, result.best_epoch = score, copy.deepcopy(student.state_dict()), epoch
+            if checkpoint_dir is not None and rank0:
+                os.makedirs(checkpoint_dir, exist_ok=True)
+                torch.save(best_state, os.path.join(checkpoint_dir, "best.pt"))
+        result.history.append(metrics)
+        if rank0:
+            logger.info("epoch %d: %s", epoch, metrics)
+            for cb in callbacks:
+                cb(epoch, metrics, student)
+    if best_state is not None:
+        student.load_state_dict(best_state)
+    if feat is not None:
+        feat.remove()
+    student.eval()
+    return result

@@ -1,0 +1,106 @@
+"""Distillation: the loss against hand-computed values, channel-aligned features, teacher
+mixing, and a real training run on the bundled digits."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fxslim
+from fxslim.passes.distill import FeatureDistiller, channel_map, distill, kd_loss, mix_teachers
+from fxslim.runtime.examples import DigitsResNet, accuracy, digits_loaders, fit
+
+
+def test_kd_loss_hand_computed():
+    T, alpha = 2.0, 0.75
+    s = torch.tensor([[2.0, 0.0]])
+    t_probs = torch.softmax(torch.tensor([[0.0, 2.0]]) / T, dim=1)  # [1/(1+e), e/(1+e)]
+    e = math.e
+    q = [1 / (1 + e), e / (1 + e)]  # teacher soft targets
+    ps = [e / (1 + e), 1 / (1 + e)]  # softmax(s / T) = softmax([1, 0])
+    kl = sum(qi * math.log(qi / pi) for qi, pi in zip(q, ps))
+    ce = -math.log(math.exp(2) / (math.exp(2) + 1))
+    want = (1 - alpha) * ce + alpha * T * T * kl
+    assert kd_loss(s, t_probs, torch.tensor([0]), alpha, T).item() == pytest.approx(want, rel=1e-6)
+    assert kd_loss(s, t_probs, None, alpha, T).item() == pytest.approx(T * T * kl, rel=1e-6)
+
+
+def test_teacher_mixing_is_a_weighted_mean_of_soft_targets():
+    a, b = torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([[0.0, 0.0, 3.0]])
+    mixed = mix_teachers([a, b], [3.0, 1.0], T=1.0)
+    want = 0.75 * torch.softmax(a, 1) + 0.25 * torch.softmax(b, 1)
+    assert torch.allclose(mixed, want) and mixed.sum().item() == pytest.approx(1.0)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(1, 6, 3, padding=1)
+        self.b = nn.Conv2d(6, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        return self.fc(self.b(torch.relu(self.a(x))).mean((2, 3)))
+
+
+def test_feature_alignment_uses_the_plan():
+    torch.manual_seed(0)
+    teacher = Net().eval()
+    x = torch.randn(3, 1, 8, 8)
+    student = fxslim.prune_channels(teacher, x, {"a": [1, 3]})
+    student = fxslim.prune_channels(student, x, {"a": [0]})  # a second step composes
+    assert channel_map(student, "a").tolist() == [2, 4, 5]
+    assert channel_map(student, "b") is None
+    fd = FeatureDistiller(student, teacher, ["a"])  # b's inputs lost channels: it differs
+    with torch.no_grad():
+        teacher(x)
+        student(x)
+    assert fd.loss().item() == pytest.approx(0.0, abs=1e-12)  # channel i of a is teacher's keep[i]
+    with torch.no_grad():
+        student.a.weight[0] += 1.0
+        student(x)
+    assert fd.loss().item() > 1e-3
+    fd.remove()
+
+
+def test_projection_for_another_architecture():
+    teacher, student = Net().eval(), nn.Sequential(nn.Conv2d(1, 3, 3, padding=1))
+    fd = FeatureDistiller(student, teacher, ["a"], student_layers=["0"], project=True)
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        teacher(x)
+    student(x)
+    loss = fd.loss()
+    loss.backward()
+    assert fd.proj["0"].weight.shape == (6, 3, 1, 1) and fd.proj["0"].weight.grad is not None
+
+
+@pytest.fixture(scope="module")
+def digits_teacher():
+    torch.manual_seed(0)
+    train, val = digits_loaders(seed=0)
+    teacher = fit(DigitsResNet(width=32), train, epochs=4, seed=0)
+    return teacher, train, val
+
+
+def test_distill_recovers_pruned_accuracy_with_and_without_labels(digits_teacher, tmp_path):
+    teacher, train, val = digits_teacher
+    x = torch.randn(1, 1, 8, 8)
+    small = fxslim.prune(teacher, x, 0.6, ignore=["fc"])
+    before = accuracy(small, val)
+    seen = []
+    res = distill(small, teacher, train, val, epochs=3, lr=2e-3, features=["block1.0"], progress=False,
+                  callbacks=[lambda e, m, s: seen.append(m)], checkpoint_dir=tmp_path, seed=0)
+    assert len(res.history) == 3 and len(seen) == 3 and (tmp_path / "best.pt").exists()
+    assert {"val_accuracy", "val_precision", "val_recall", "val_f1"} <= set(res.history[-1])
+    after = accuracy(res.student, val)
+    assert after >= max(before + 0.1, 0.85), (before, after)
+    assert after == pytest.approx(max(h["val_accuracy"] for h in res.history))  # best restored
+
+    unlabeled = [(xb,) for xb, _ in train]  # teacher targets only
+    small2 = fxslim.prune(teacher, x, 0.6, ignore=["fc"])
+    res2 = distill(small2, teacher, unlabeled, val, epochs=3, lr=2e-3, progress=False)
+    assert accuracy(res2.student, val) >= 0.8
