@@ -25,6 +25,7 @@ from fxslim.graph.coupling import ChannelGroup, CouplingGraph, Member
 from fxslim.graph.rules import register_rule
 from fxslim.graph.trace import trace
 from fxslim.passes.base import Pass, PassManager, PassResult
+from fxslim.passes.distill import distill, prune_and_distill, thin_copy
 from fxslim.passes.export import ExportReport, export_onnx
 from fxslim.passes.policy import prune
 from fxslim.passes.prune import PrunePlan, apply_plan, make_plan, prune_channels
@@ -57,6 +58,9 @@ __all__ = [
     "compare",
     "count_macs",
     "count_params",
+    "distill",
+    "prune_and_distill",
+    "thin_copy",
     "export_onnx",
     "load",
     "make_plan",

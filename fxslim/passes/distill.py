@@ -33,7 +33,10 @@ from torch import nn
 from fxslim.errors import FxslimError
 from fxslim.runtime.metrics import classification_metrics
 
-__all__ = ["kd_loss", "mix_teachers", "channel_map", "FeatureDistiller", "distill", "DistillResult"]
+__all__ = [
+    "kd_loss", "mix_teachers", "channel_map", "FeatureDistiller", "distill", "DistillResult", "evaluate",
+    "thin_copy", "prune_and_distill",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -352,3 +355,39 @@ def _train(student, teachers, train_data, val_data, dev, use_amp, epochs, lr, we
         feat.remove()
     student.eval()
     return result
+
+
+def thin_copy(teacher: nn.Module, example_inputs: Any, ratio: float = 0.5, **prune_kwargs: Any) -> nn.Module:
+    """fxslim's uniformly thinned copy of `teacher`, freshly initialised: a from-scratch
+    student with the teacher's architecture at (1 - ratio) of its widths."""
+    from fxslim.passes.policy import prune  # noqa: PLC0415
+
+    student = prune(teacher, example_inputs, ratio, importance="random", **prune_kwargs)
+    torch.manual_seed(prune_kwargs.get("seed", 0))
+    for m in student.modules():
+        if hasattr(m, "reset_parameters") and m is not student:
+            m.reset_parameters()
+    return student
+
+
+def prune_and_distill(
+    teacher: nn.Module,
+    example_inputs: Any,
+    train_data: Iterable,
+    val_data: Iterable | None = None,
+    *,
+    target_macs: float,
+    steps: int = 2,
+    epochs_per_step: int = 2,
+    prune_kwargs: Mapping[str, Any] | None = None,
+    **distill_kwargs: Any,
+) -> nn.Module:
+    """Alternate pruning steps and distillation epochs (against the original teacher) to
+    `target_macs` of the teacher's MACs; returns the final student."""
+    from fxslim.passes.schedule import prune_iteratively  # noqa: PLC0415
+
+    def recover(model: nn.Module, step: int) -> nn.Module:
+        return distill(model, teacher, train_data, val_data, epochs=epochs_per_step, **distill_kwargs).student
+
+    return prune_iteratively(teacher, example_inputs, steps=steps, target_macs=target_macs, callback=recover,
+                             **dict(prune_kwargs or {}))

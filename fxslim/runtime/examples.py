@@ -30,6 +30,25 @@ def digits_loaders(batch_size: int = 64, seed: int = 0, val_share: float = 0.2) 
             DataLoader(val, batch_size=256))
 
 
+def digits_splits(batch_size: int = 64, seed: int = 0) -> tuple[DataLoader, DataLoader, DataLoader]:
+    """Stratified, seeded 60/20/20 train/validation/test loaders over sklearn's digits."""
+    from sklearn.datasets import load_digits  # noqa: PLC0415
+    from sklearn.model_selection import train_test_split  # noqa: PLC0415
+
+    d = load_digits()
+    x = (d.images.astype(np.float32) / 16.0 - 0.5) / 0.5
+    y = d.target.astype(np.int64)
+    xtr, xrest, ytr, yrest = train_test_split(x, y, test_size=0.4, stratify=y, random_state=seed)
+    xva, xte, yva, yte = train_test_split(xrest, yrest, test_size=0.5, stratify=yrest, random_state=seed)
+    g = torch.Generator().manual_seed(seed)
+
+    def ds(a, b):
+        return TensorDataset(torch.from_numpy(a)[:, None], torch.from_numpy(b))
+
+    return (DataLoader(ds(xtr, ytr), batch_size=batch_size, shuffle=True, generator=g),
+            DataLoader(ds(xva, yva), batch_size=256), DataLoader(ds(xte, yte), batch_size=256))
+
+
 def mnist1d_loaders(batch_size: int = 128, seed: int = 0) -> tuple[DataLoader, DataLoader]:
     """MNIST-1D (built offline by the `mnist1d` package): 4000 train / 1000 test signals of
     length 40, as (N, 1, 40) floats. Its authors report logistic regression 32%, MLP 68%,

@@ -10,7 +10,15 @@ import torch
 from torch import nn
 
 import fxslim
-from fxslim.passes.distill import FeatureDistiller, channel_map, distill, kd_loss, mix_teachers
+from fxslim.passes.distill import (
+    FeatureDistiller,
+    channel_map,
+    distill,
+    kd_loss,
+    mix_teachers,
+    prune_and_distill,
+    thin_copy,
+)
 from fxslim.runtime.examples import DigitsResNet, accuracy, digits_loaders, fit
 
 
@@ -104,3 +112,18 @@ def test_distill_recovers_pruned_accuracy_with_and_without_labels(digits_teacher
     small2 = fxslim.prune(teacher, x, 0.6, ignore=["fc"])
     res2 = distill(small2, teacher, unlabeled, val, epochs=3, lr=2e-3, progress=False)
     assert accuracy(res2.student, val) >= 0.8
+
+
+def test_thin_copy_and_prune_and_distill(digits_teacher):
+    teacher, train, val = digits_teacher
+    x = torch.randn(1, 1, 8, 8)
+    thin = thin_copy(teacher, x, 0.5, ignore=["fc"])
+    assert thin.stem[0].out_channels == 16 if hasattr(thin.stem, "__getitem__") else thin.get_submodule("stem.0").out_channels == 16
+    assert not torch.equal(thin.get_submodule("stem.0").weight, teacher.stem[0].weight[:16])  # re-initialised
+    res = distill(thin, teacher, train, val, epochs=2, lr=3e-3, progress=False)
+    assert accuracy(res.student, val) > 0.5
+    base = fxslim.count_macs(teacher, x)
+    student = prune_and_distill(teacher, x, train, val, target_macs=0.5, steps=2, epochs_per_step=1,
+                                prune_kwargs={"ignore": ["fc"]}, progress=False, lr=2e-3)
+    assert abs(fxslim.count_macs(student, x) / base - 0.5) <= 0.01
+    assert accuracy(student, val) >= 0.85
