@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from bench import latency, latency_target, prune_speed
+from bench import distill_table, latency, latency_target, policy_compare, prune_speed
 
 OUT = Path(__file__).with_name("README.md")
 
@@ -40,6 +40,8 @@ def main() -> None:
     speed = prune_speed.table()
     lat = latency.table()
     lt = latency_target.table()
+    pc = policy_compare.table()
+    dt = distill_table.table()
     OUT.write_text(f"""# fxslim benchmarks
 
 Regenerate everything here with `python -m bench.report` (a quiet machine, ~25 minutes on
@@ -73,6 +75,22 @@ latency probes, then a bisection on measured time); the result re-timed independ
 (`python -m bench.latency_target`).
 
 {lt}
+
+## Policies at equal MACs: fxslim vs torch-pruning
+
+`python -m bench.policy_compare`: at 2x and 3x fewer MACs, fxslim's latency-aware ranking
+(`prune_to_latency(..., macs_target=...)`, widths rounded to 8), fxslim's uniform ratio
+(`round_to=8`), and torch-pruning's default (uniform ratio, L1, ratio bisected to the
+same MACs). Speed-up over the original, batch 1, 2 threads.
+
+{pc}
+
+## Accuracy recovery: distillation
+
+`python -m bench.distill_table`: teachers pruned to 0.5x / 0.25x MACs, then recovered
+for the same epochs; test accuracy over 3 seeds.
+
+{dt}
 
 ## Notes
 
