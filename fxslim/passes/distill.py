@@ -324,7 +324,7 @@ def _train(student, teachers, train_data, val_data, dev, use_amp, epochs, lr, we
             if step < steps - 1:
                 sched.step()
             step += 1
-            total += float(loss) * len(x)
+            total += float(loss.detach()) * len(x)
             seen += len(x)
             if y is not None:
                 right += int((out.argmax(1) == y).sum())
