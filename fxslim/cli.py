@@ -43,12 +43,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     x = torch.randn(1, 1, 8, 8)
     small = fxslim.prune(model, x, args.ratio, ignore=["fc"])
     acc0, acc1 = accuracy(model, val), accuracy(small, val)
-    tuned = fit(copy.deepcopy(small), train, epochs=args.finetune, lr=1e-3, seed=args.seed) if args.finetune else None
+    tuned = None
+    if args.finetune:
+        from fxslim.passes.distill import distill  # noqa: PLC0415
+
+        tuned = distill(copy.deepcopy(small), model, train, val, epochs=args.finetune, lr=2e-3,
+                        seed=args.seed, progress=False).student
     models = {"original": model, f"pruned {args.ratio:.0%}": small}
     extra = {"original": {"val acc": f"{acc0:.3f}"}, f"pruned {args.ratio:.0%}": {"val acc": f"{acc1:.3f}"}}
     if tuned is not None:
-        models[f"pruned + {args.finetune} ep fine-tune"] = tuned
-        extra[f"pruned + {args.finetune} ep fine-tune"] = {"val acc": f"{accuracy(tuned, val):.3f}"}
+        models[f"pruned + {args.finetune} ep distillation"] = tuned
+        extra[f"pruned + {args.finetune} ep distillation"] = {"val acc": f"{accuracy(tuned, val):.3f}"}
     print(f"fxslim demo: DigitsResNet on sklearn digits (1797 8x8 images), prune ratio {args.ratio}")
     print(compare(models, x, threads=1, runs=200, extra=extra))
     print(f"({time.perf_counter() - t0:.1f} s; latency: batch 1, torch eager, 1 thread)")
@@ -78,7 +83,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fxslim", description="structured pruning for PyTorch models")
     sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="train, prune and measure the built-in digits model")
+    d = sub.add_parser("demo", help="train, prune, distil and measure the built-in digits model")
     d.add_argument("--ratio", type=float, default=0.5)
     d.add_argument("--epochs", type=int, default=4)
     d.add_argument("--finetune", type=int, default=2)
