@@ -69,3 +69,18 @@ def test_large_models_get_external_data(tmp_path, monkeypatch):
     assert files[0] == "big.onnx" and len(files) == 2 and not rep.simplified
     assert rep.max_diff <= 1e-4
     assert E.run_onnx(E.onnx_session(tmp_path / "big.onnx"), (X,))[0].shape == (1, 5)
+
+
+def test_torchscript_fallback_when_dynamo_fails(tmp_path, monkeypatch):
+    real = torch.onnx.export
+
+    def picky(*args, dynamo=True, **kw):
+        if dynamo:
+            raise RuntimeError("dynamo exporter unavailable")
+        kw.pop("external_data", None)
+        kw.pop("dynamic_shapes", None)
+        return real(*args, dynamo=False, **kw)
+
+    monkeypatch.setattr(torch.onnx, "export", picky)
+    rep = fxslim.export_onnx(Small().eval(), X, tmp_path / "ts.onnx")
+    assert rep.exporter == "torchscript" and rep.max_diff <= 1e-4 and rep.batch_sizes == (1, 3)
