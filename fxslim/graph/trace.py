@@ -231,14 +231,19 @@ class _MetaProp(fx.Interpreter):
         n.meta["type"] = type(result)
         return result
 
-    def call_module(self, target: str, args: Any, kwargs: Any) -> Any:
-        mod = self.fetch_attr(target)
+    @staticmethod
+    def _formula(target: str, mod: nn.Module, args: Any, kwargs: Any) -> torch.Tensor | None:
+        """An empty output (same device as the input) when the layer has a shape formula."""
         x = args[0] if args else None
         if isinstance(x, torch.Tensor) and not kwargs and len(args) == 1:
             shape = _fast_shape(target, mod, x)
             if shape is not None:
                 return x.new_empty(shape)
-        return super().call_module(target, args, kwargs)
+        return None
+
+    def call_module(self, target: str, args: Any, kwargs: Any) -> Any:
+        out = self._formula(target, self.fetch_attr(target), args, kwargs)
+        return out if out is not None else super().call_module(target, args, kwargs)
 
 
 class _MetaDeviceProp(_MetaProp):
@@ -252,11 +257,9 @@ class _MetaDeviceProp(_MetaProp):
 
     def call_module(self, target: str, args: Any, kwargs: Any) -> Any:
         mod = self.fetch_attr(target)
-        x = args[0] if args else None
-        if isinstance(x, torch.Tensor) and not kwargs and len(args) == 1:
-            shape = _fast_shape(target, mod, x)
-            if shape is not None:
-                return torch.empty(shape, dtype=x.dtype, device="meta")
+        out = self._formula(target, mod, args, kwargs)
+        if out is not None:
+            return out
         twins = {k: torch.empty_like(v, device="meta") for k, v in
                  list(mod.named_parameters()) + list(mod.named_buffers())}
         return torch.func.functional_call(mod, twins, args, kwargs)
