@@ -18,7 +18,14 @@ from torch.utils.data import DataLoader, Subset
 
 import fxslim
 from fxslim.passes.distill import distill, thin_copy
-from fxslim.runtime.examples import DigitsResNet, MNIST1DCNN, accuracy, digits_splits, fit, mnist1d_loaders
+from fxslim.runtime.examples import (
+    MNIST1DCNN,
+    DigitsResNet,
+    accuracy,
+    digits_splits,
+    fit,
+    mnist1d_loaders,
+)
 
 EPOCHS = 6
 SEEDS = (0, 1, 2)

@@ -28,7 +28,7 @@ MODELS = {"resnet18": "fc", "resnet50": "fc", "mobilenet_v2": "classifier.1",
 
 
 def tp_to_macs(model, x, head, target):
-    import torch_pruning as tp  # noqa: PLC0415
+    import torch_pruning as tp
 
     base = count_macs(model, x)
     lo, hi, best = 0.0, 0.95, None

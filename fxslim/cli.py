@@ -45,7 +45,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     acc0, acc1 = accuracy(model, val), accuracy(small, val)
     tuned = None
     if args.finetune:
-        from fxslim.passes.distill import distill  # noqa: PLC0415
+        from fxslim.passes.distill import distill
 
         tuned = distill(copy.deepcopy(small), model, train, val, epochs=args.finetune, lr=2e-3,
                         seed=args.seed, progress=False).student

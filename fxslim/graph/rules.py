@@ -129,10 +129,6 @@ def _shape(node: Any) -> Any:
     return node_shapes(node) if isinstance(node, fx.Node) else None
 
 
-def _spaces(b: Builder, x: Any) -> Any:
-    return b.out.get(x) if isinstance(x, fx.Node) else None
-
-
 def _is_tensor(b: Builder, x: Any) -> bool:
     return isinstance(x, fx.Node) and isinstance(b.out.get(x), list) and (
         not b.out[x] or isinstance(b.out[x][0], int)
@@ -533,18 +529,10 @@ def couple_stack(b: Builder, node: fx.Node, mod=None, path=None) -> None:
     b.out[node] = out
 
 
-def _sections(node: fx.Node) -> tuple[int, list[tuple[int, ...]]]:
-    shapes = _shape(node)
-    return shapes
-
-
 def couple_split(b: Builder, node: fx.Node, mod=None, path=None) -> None:
     """split/chunk: output i is the range [off_i, off_i + n_i) of the input's split dim."""
     x = node.args[0]
-    if node.target in (torch.chunk, "chunk"):
-        d = _arg(node, 2, "dim", 0)
-    else:
-        d = _arg(node, 2, "dim", 0)
+    d = _arg(node, 2, "dim", 0)
     xs = b.out[x]
     d = _dim(d, len(xs))
     outs, off = [], 0
@@ -678,7 +666,7 @@ def fix_getitem(node: fx.Node, new_sizes: Callable, kept: Callable, dynamic: Cal
         if isinstance(i, slice):
             mask = kept(x, d)
             start, stop, step = i.indices(in_shape[d])
-            if mask is not None and not (start, stop, step) == (0, in_shape[d], 1):
+            if mask is not None and (start, stop, step) != (0, in_shape[d], 1):
                 i = slice(int(mask[:start].sum()), int(mask[:stop].sum()), None)
         new.append(i)
         d += 1
@@ -829,10 +817,6 @@ def _literal_sizes(shape: list, old: tuple, new: tuple, dyn: list[bool]) -> None
             continue
         if o != n or (isinstance(shape[d], fx.Node) and not dyn[d]):
             shape[d] = n
-
-
-def couple_flatten_fn(b: Builder, node: fx.Node, mod=None, path=None) -> None:
-    couple_reshape(b, node)
 
 
 def couple_permute(b: Builder, node: fx.Node, mod=None, path=None) -> None:

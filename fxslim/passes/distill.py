@@ -34,15 +34,22 @@ from fxslim.errors import FxslimError
 from fxslim.runtime.metrics import classification_metrics
 
 __all__ = [
-    "kd_loss", "mix_teachers", "channel_map", "FeatureDistiller", "distill", "DistillResult", "evaluate",
-    "thin_copy", "prune_and_distill",
+    "DistillResult",
+    "FeatureDistiller",
+    "channel_map",
+    "distill",
+    "evaluate",
+    "kd_loss",
+    "mix_teachers",
+    "prune_and_distill",
+    "thin_copy",
 ]
 
 logger = logging.getLogger(__name__)
 
 
 def kd_loss(student: torch.Tensor, teacher_probs: torch.Tensor, labels: torch.Tensor | None,
-            alpha: float = 0.9, T: float = 4.0) -> torch.Tensor:  # noqa: N803
+            alpha: float = 0.9, T: float = 4.0) -> torch.Tensor:
     """(1 - alpha) CE(student, labels) + alpha T^2 KL(teacher_probs || softmax(student / T)).
 
     Args:
@@ -56,7 +63,7 @@ def kd_loss(student: torch.Tensor, teacher_probs: torch.Tensor, labels: torch.Te
     return (1 - alpha) * F.cross_entropy(student, labels) + alpha * soft
 
 
-def mix_teachers(logits: Sequence[torch.Tensor], weights: Sequence[float] | None = None, T: float = 4.0) -> torch.Tensor:  # noqa: N803
+def mix_teachers(logits: Sequence[torch.Tensor], weights: Sequence[float] | None = None, T: float = 4.0) -> torch.Tensor:
     """Weighted mean of softmax(t_k / T) over teachers (weights normalised to sum to one)."""
     w = torch.tensor(weights if weights is not None else [1.0] * len(logits), dtype=logits[0].dtype)
     w = w / w.sum()
@@ -176,7 +183,7 @@ def _batches(loader: Iterable, device: torch.device):
 
 
 def _distributed_loader(loader: Any, seed: int) -> Any:
-    from torch.utils.data import DataLoader, DistributedSampler  # noqa: PLC0415
+    from torch.utils.data import DataLoader, DistributedSampler
 
     sampler = DistributedSampler(loader.dataset, shuffle=True, seed=seed)
     return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler,
@@ -278,7 +285,7 @@ def _train(student, teachers, train_data, val_data, dev, use_amp, epochs, lr, we
     model: nn.Module = student
     sampler = None
     if _is_dist():
-        from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: PLC0415
+        from torch.nn.parallel import DistributedDataParallel as DDP
 
         model = DDP(student, device_ids=[dev.index] if dev.type == "cuda" else None)
         train_data, sampler = _distributed_loader(train_data, seed)
@@ -299,7 +306,7 @@ def _train(student, teachers, train_data, val_data, dev, use_amp, epochs, lr, we
         total = 0.0
         it = _batches(train_data, dev)
         if progress and rank0:
-            from tqdm.auto import tqdm  # noqa: PLC0415
+            from tqdm.auto import tqdm
 
             it = tqdm(it, total=len(train_data) if hasattr(train_data, "__len__") else None,
                       desc=f"epoch {epoch + 1}/{epochs}", leave=False)
@@ -360,7 +367,7 @@ def _train(student, teachers, train_data, val_data, dev, use_amp, epochs, lr, we
 def thin_copy(teacher: nn.Module, example_inputs: Any, ratio: float = 0.5, **prune_kwargs: Any) -> nn.Module:
     """fxslim's uniformly thinned copy of `teacher`, freshly initialised: a from-scratch
     student with the teacher's architecture at (1 - ratio) of its widths."""
-    from fxslim.passes.policy import prune  # noqa: PLC0415
+    from fxslim.passes.policy import prune
 
     student = prune(teacher, example_inputs, ratio, importance="random", **prune_kwargs)
     torch.manual_seed(prune_kwargs.get("seed", 0))
@@ -384,7 +391,7 @@ def prune_and_distill(
 ) -> nn.Module:
     """Alternate pruning steps and distillation epochs (against the original teacher) to
     `target_macs` of the teacher's MACs; returns the final student."""
-    from fxslim.passes.schedule import prune_iteratively  # noqa: PLC0415
+    from fxslim.passes.schedule import prune_iteratively
 
     def recover(model: nn.Module, step: int) -> nn.Module:
         return distill(model, teacher, train_data, val_data, epochs=epochs_per_step, **distill_kwargs).student

@@ -119,7 +119,7 @@ def prune_to_latency(
         return out
 
     if macs_target is not None:  # spend a MACs budget where the probes say time is bought
-        from fxslim.passes.estimate import CostModel  # noqa: PLC0415
+        from fxslim.passes.estimate import CostModel
 
         cost = CostModel(gm, cg, example_inputs)
         lo, hi, plan = 0, len(order), None

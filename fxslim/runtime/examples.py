@@ -32,8 +32,8 @@ def digits_loaders(batch_size: int = 64, seed: int = 0, val_share: float = 0.2) 
 
 def digits_splits(batch_size: int = 64, seed: int = 0) -> tuple[DataLoader, DataLoader, DataLoader]:
     """Stratified, seeded 60/20/20 train/validation/test loaders over sklearn's digits."""
-    from sklearn.datasets import load_digits  # noqa: PLC0415
-    from sklearn.model_selection import train_test_split  # noqa: PLC0415
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
 
     d = load_digits()
     x = (d.images.astype(np.float32) / 16.0 - 0.5) / 0.5
@@ -53,7 +53,7 @@ def mnist1d_loaders(batch_size: int = 128, seed: int = 0) -> tuple[DataLoader, D
     """MNIST-1D (built offline by the `mnist1d` package): 4000 train / 1000 test signals of
     length 40, as (N, 1, 40) floats. Its authors report logistic regression 32%, MLP 68%,
     CNN 94%, human 96%."""
-    from mnist1d.data import get_dataset_args, make_dataset  # noqa: PLC0415
+    from mnist1d.data import get_dataset_args, make_dataset
 
     args = get_dataset_args()
     args.seed = 42  # the published dataset; `seed` only shuffles batches

@@ -246,7 +246,7 @@ def test_rule_oracles(name):
     model = _randomise(cls())
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for seed in range(3):
-        gm, cg, pruned = check_oracles(model, x, seed=seed, expect_prunable=n)
+        _gm, _cg, pruned = check_oracles(model, x, seed=seed, expect_prunable=n)
         if pruned is not None:  # the result traces again and can be pruned again
             check_oracles(pruned, x, seed=seed + 10, expect_prunable=1)
     after = model.state_dict()

@@ -16,7 +16,7 @@ def main(out: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)
-    train, val = digits_loaders(batch_size=64, seed=0)
+    train, _val = digits_loaders(batch_size=64, seed=0)
     teacher = DigitsResNet(width=16).eval()
     torch.manual_seed(1)
     student = DigitsResNet(width=8)  # the same initial weights on every rank (seeded)

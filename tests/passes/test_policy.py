@@ -135,7 +135,7 @@ def r18():
 
 
 def test_round_to_keeps_multiples(r18):
-    model, x, gm, cg = r18
+    _model, _x, gm, cg = r18
     scores = score_groups(gm, cg, I.l1_importance, ["fc"])
     removal = allocate(cg, scores, Policy(ratio=0.37, round_to=8))
     for gid, s in scores.items():
@@ -144,7 +144,7 @@ def test_round_to_keeps_multiples(r18):
 
 
 def test_global_ranking_respects_max_ratio(r18):
-    model, x, gm, cg = r18
+    _model, _x, gm, cg = r18
     scores = score_groups(gm, cg, I.l1_importance, ["fc"])
     removal = allocate(cg, scores, Policy(ratio=0.6, global_ranking=True, max_ratio=0.7))
     total = sum(len(s) for s in scores.values())
@@ -155,7 +155,7 @@ def test_global_ranking_respects_max_ratio(r18):
 
 
 def test_threshold_and_overrides(r18):
-    model, x, gm, cg = r18
+    _model, _x, gm, cg = r18
     scores = score_groups(gm, cg, I.l1_importance, ["fc"])
     removal = allocate(cg, scores, Policy(threshold=0.9))
     for gid, s in scores.items():
@@ -167,7 +167,7 @@ def test_threshold_and_overrides(r18):
 
 
 def test_dry_run_plan_is_what_apply_gives(r18):
-    model, x, gm, cg = r18
+    model, x, _gm, _cg = r18
     report = fxslim.prune(model, x, 0.3, ignore=["fc"], dry_run=True)
     text = str(report)
     assert "| group | root |" in text and "MACs" in text
@@ -178,7 +178,7 @@ def test_dry_run_plan_is_what_apply_gives(r18):
 
 @pytest.mark.parametrize("kind", ["macs", "params"])
 def test_targets_within_two_percent(r18, kind):
-    model, x, gm, cg = r18
+    model, x, _gm, _cg = r18
     kw = {f"target_{kind}": 0.5}
     small = fxslim.prune(model, x, ignore=["fc"], round_to=1, **kw)
     got = count_macs(small, x) / count_macs(model, x) if kind == "macs" else count_params(small) / count_params(model)
