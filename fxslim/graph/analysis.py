@@ -11,12 +11,14 @@ from torch import fx, nn
 from fxslim.graph import rules as R
 from fxslim.graph.coupling import Builder, ChannelGroup, CouplingGraph
 from fxslim.graph.trace import trace
+from fxslim.utils import gc_paused
 
 __all__ = ["analyze", "channel_groups"]
 
 logger = logging.getLogger(__name__)
 
 
+@gc_paused
 def analyze(gm: fx.GraphModule) -> CouplingGraph:
     """Build the channel-coupling graph of a traced module (needs `tensor_meta` on nodes).
 

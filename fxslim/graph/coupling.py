@@ -316,54 +316,48 @@ class CouplingGraph:
 
         # Only units that touch a class with members matter; follow the links from them.
         member_classes = set(members)
-        relevant = set()
-        for c in member_classes:
-            if c in g:
-                relevant |= nx.node_connected_component(g, c)
-            else:
-                relevant.add(c)
+        relevant: set[int] = set()
+        for comp in nx.connected_components(g):
+            if not member_classes.isdisjoint(comp):
+                relevant |= comp
+        relevant |= member_classes
         relevant_list = sorted(relevant)
-
-        # unit -> classes it touches, via (unit, class) pairs over relevant elements
-        elem_class_parts, elem_unit_parts = [], []
-        for c in relevant_list:
-            o, s = offset[c], cg.class_size[c]
-            elem_unit_parts.append(labels[o : o + s])
-            elem_class_parts.append(np.full(s, c, dtype=np.int64))
         if not relevant_list:
             return cg
-        eu = np.concatenate(elem_unit_parts)
-        ec = np.concatenate(elem_class_parts)
-        pairs = np.unique(np.stack([eu, ec], axis=1), axis=0)
-        unit_classes: dict[int, list[int]] = defaultdict(list)
-        for u, c in pairs.tolist():
-            unit_classes[u].append(c)
-        sig_units: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        for u, cs in unit_classes.items():
-            sig = tuple(cs)
-            if any(c in member_classes for c in sig):
-                sig_units[sig].append(u)
 
-        for sig, units in sig_units.items():
+        # unit -> the set of classes it touches (its signature), vectorised: each class
+        # gets a random 64-bit key and a unit's signature hash is the sum of its classes'
+        rng = np.random.default_rng(0)
+        keys = rng.integers(1, np.iinfo(np.int64).max, size=len(relevant_list), dtype=np.int64)
+        elem_unit = np.concatenate([labels[offset[c]: offset[c] + cg.class_size[c]] for c in relevant_list])
+        elem_cls = np.repeat(np.arange(len(relevant_list)), [cg.class_size[c] for c in relevant_list])
+        n_cls = len(relevant_list)
+        pair = np.unique(elem_unit * n_cls + elem_cls)  # distinct (unit, class) pairs
+        pu, pc = pair // n_cls, pair % n_cls
+        units, start = np.unique(pu, return_index=True)
+        with np.errstate(over="ignore"):
+            sig_hash = np.add.reduceat(keys[pc], start)
+        _, rep, sig_index = np.unique(sig_hash, return_index=True, return_inverse=True)
+        ends = np.append(start[1:], len(pc))
+        ordinal = np.full(total, -1, dtype=np.int64)
+
+        for k, r in enumerate(rep.tolist()):
+            sig = tuple(relevant_list[i] for i in pc[start[r]: ends[r]].tolist())
+            if not any(c in member_classes for c in sig):
+                continue
             ms = [m for c in sig for m in members.get(c, ())]
             if not any(m.kind == "param" for m in ms):
                 continue  # nothing to slice but buffers of pinned spaces
+            sig_units = units[sig_index == k]
             # order units by their first element in the first member class
             anchor = next(c for c in sig if c in members)
-            o, s = offset[anchor], cg.class_size[anchor]
-            lab = labels[o : o + s]
-            order = []
-            seen = set(units)
-            for u in lab.tolist():
-                if u in seen:
-                    order.append(u)
-                    seen.discard(u)
-            ordinal = {u: i for i, u in enumerate(order)}
-            unit_of = {}
-            for c in sig:
-                o, s = offset[c], cg.class_size[c]
-                lab = labels[o : o + s]
-                unit_of[c] = np.array([ordinal.get(u, -1) for u in lab.tolist()], dtype=np.int64)
+            lab = labels[offset[anchor]: offset[anchor] + cg.class_size[anchor]]
+            lab = lab[np.isin(lab, sig_units)]
+            _, first = np.unique(lab, return_index=True)
+            order = lab[np.sort(first)]
+            ordinal[order] = np.arange(len(order))
+            unit_of = {c: ordinal[labels[offset[c]: offset[c] + cg.class_size[c]]] for c in sig}
+            ordinal[order] = -1
             reasons = [pin_reason[c] for c in sig if c in pin_reason]
             outs = [m for m in ms if m.role == "out"] or [m for m in ms if m.kind == "param"]
             root = min(outs, key=lambda m: b.member_space.get((m.target, m.dim), 1 << 60))

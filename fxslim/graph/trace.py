@@ -9,8 +9,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import operator
 import re
 import traceback
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -19,10 +21,12 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata, _extract_tensor_metadata
 
 from fxslim.errors import TraceError
+from fxslim.utils import gc_paused
 
 __all__ = [
     "FxslimTracer",
     "as_input_tuple",
+    "compile_now",
     "copy_structure",
     "fingerprint",
     "node_shapes",
@@ -95,6 +99,7 @@ def _user_frame(exc: BaseException) -> str:
     return "<unknown location>"
 
 
+@gc_paused
 def trace(
     model: nn.Module,
     example_inputs: Any,
@@ -149,7 +154,7 @@ def trace(
                 f"leaf_modules=[ItsClass]), or pass concrete_args to fix Python control flow."
             ) from exc
         name = type(model).__name__
-        gm = fx.GraphModule(root, graph, class_name=name)
+        gm = _graph_module(root, graph, name)
         gm.train(model.training)
         gm.meta["fxslim_source"] = fingerprint(model, gm)
         gm.meta["fxslim_inputs"] = [_input_spec(t) for t in inputs]
@@ -178,11 +183,76 @@ def fingerprint(model: nn.Module, gm: fx.GraphModule) -> str:
 
 
 def copy_structure(model: nn.Module) -> nn.Module:
-    """Deep copy of the module tree that shares parameter and buffer tensors."""
-    memo: dict[int, Any] = {}
-    for t in list(model.parameters()) + list(model.buffers()):
-        memo[id(t)] = t
-    return copy.deepcopy(model, memo)
+    """Copy of the module tree that shares parameter and buffer tensors.
+
+    Every module is a new object with its own attribute containers (so setting a
+    parameter, a buffer, a child or the train flag on the copy leaves the original as it
+    was); tensors and other attribute values are shared. A GraphModule gets a new graph.
+    """
+    memo: dict[int, nn.Module] = {}
+    if isinstance(model, fx.GraphModule):
+        return _copy_graph_module(model, memo)
+    return _copy_tree(model, memo)
+
+
+_CONTAINERS = (dict, OrderedDict, set, list)
+
+try:  # generates the forward code when first needed: analysis and rewrites never call it
+    from torch.fx._lazy_graph_module import _LazyGraphModule as _GraphModuleClass
+except ImportError:  # pragma: no cover - older or newer torch without it
+    _GraphModuleClass = fx.GraphModule
+
+
+def _graph_module(root: nn.Module, graph: fx.Graph, name: str) -> fx.GraphModule:
+    return _GraphModuleClass(root, graph, class_name=name)
+
+
+def compile_now(gm: fx.GraphModule) -> None:
+    """Generate `gm`'s forward code now (a lazily built GraphModule defers it to first use)."""
+    gm.recompile()
+    if hasattr(gm, "real_recompile"):
+        gm.real_recompile()
+
+
+def _copy_tree(mod: nn.Module, memo: dict[int, nn.Module]) -> nn.Module:
+    hit = memo.get(id(mod))
+    if hit is not None:
+        return hit
+    if isinstance(mod, fx.GraphModule):
+        return _copy_graph_module(mod, memo)
+    new = object.__new__(type(mod))
+    memo[id(mod)] = new
+    state = {k: (type(v)(v) if type(v) in _CONTAINERS else v) for k, v in mod.__dict__.items()}
+    object.__setattr__(new, "__dict__", state)
+    children = state["_modules"]
+    for name, child in children.items():
+        if child is not None:
+            children[name] = _copy_tree(child, memo)
+    return new
+
+
+def _copy_graph_module(gm: fx.GraphModule, memo: dict[int, nn.Module]) -> fx.GraphModule:
+    """A new GraphModule over copied children and a copy of the graph (node meta kept)."""
+    holder = nn.Module()
+    holder.__dict__["_parameters"] = dict(gm._parameters)
+    holder.__dict__["_buffers"] = dict(gm._buffers)
+    holder.__dict__["_non_persistent_buffers_set"] = set(gm._non_persistent_buffers_set)
+    for name, child in gm._modules.items():
+        holder._modules[name] = None if child is None else _copy_tree(child, memo)
+    for node in gm.graph.nodes:  # plain attributes the graph reads (not parameters)
+        if node.op == "get_attr" and "." not in node.target and node.target not in holder._parameters \
+                and node.target not in holder._buffers and node.target not in holder._modules:
+            setattr(holder, node.target, getattr(gm, node.target))
+    graph = fx.Graph(owning_module=None, tracer_cls=gm.graph._tracer_cls)
+    out = graph.graph_copy(gm.graph, {})
+    old_output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    graph.output(out, old_output.type).meta = dict(old_output.meta)
+    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    new = _graph_module(holder, graph, type(gm).__name__)
+    new.training = gm.training
+    new.meta = dict(gm.meta)
+    memo[id(gm)] = new
+    return new
 
 
 def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
@@ -190,12 +260,14 @@ def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
 
     Runs in eval mode (so BatchNorm statistics are never updated) and restores the mode.
     """
-    was_training = gm.training
-    gm.eval()
+    training = [m for m in gm.modules() if m.training]
+    for m in training:  # not gm.eval(): only the flags that change, and back
+        m.training = False
     try:
         _propagate(gm, inputs)
     finally:
-        gm.train(was_training)
+        for m in training:
+            m.training = True
 
 
 _SHAPE_KEEPING = (
@@ -246,23 +318,189 @@ class _MetaProp(fx.Interpreter):
         return out if out is not None else super().call_module(target, args, kwargs)
 
 
-class _MetaDeviceProp(_MetaProp):
-    """The same on the meta device: no fake-tensor dispatch, parameters swapped for meta
-    twins per call. About ten times cheaper; any op without a meta kernel raises and the
-    fake-tensor run takes over."""
+class _Shaped:
+    """A tensor known only by shape and dtype: the output of a shape formula.
 
-    def get_attr(self, target: str, args: Any, kwargs: Any) -> Any:
-        val = super().get_attr(target, args, kwargs)
-        return torch.empty_like(val, device="meta") if isinstance(val, torch.Tensor) else val
+    Turned into a meta tensor only when an op without a formula reads it.
+    """
 
-    def call_module(self, target: str, args: Any, kwargs: Any) -> Any:
-        mod = self.fetch_attr(target)
-        out = self._formula(target, mod, args, kwargs)
-        if out is not None:
-            return out
-        twins = {k: torch.empty_like(v, device="meta") for k, v in
-                 list(mod.named_parameters()) + list(mod.named_buffers())}
-        return torch.func.functional_call(mod, twins, args, kwargs)
+    __slots__ = ("dtype", "shape")
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype):
+        self.shape, self.dtype = tuple(shape), dtype
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def materialize(self) -> torch.Tensor:
+        return torch.empty(self.shape, dtype=self.dtype, device="meta")
+
+    def tensor_meta(self) -> TensorMetadata:
+        stride, acc = [], 1
+        for size in reversed(self.shape):
+            stride.append(acc)
+            acc *= max(size, 1)
+        return TensorMetadata(torch.Size(self.shape), self.dtype, False, tuple(reversed(stride)),
+                              torch.contiguous_format, False, {})
+
+
+_BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul}
+_UNARY = {
+    torch.relu, nn.functional.relu, nn.functional.relu6, nn.functional.gelu, nn.functional.silu,
+    nn.functional.hardswish, nn.functional.hardsigmoid, torch.sigmoid, torch.tanh, nn.functional.dropout,
+}
+
+
+def _function_shape(fn: Any, args: tuple, kwargs: dict) -> _Shaped | None:
+    """Output of common shape-keeping functions by formula; None when there is none."""
+    if not args:
+        return None
+    if fn is torch.cat:
+        return _cat_shape(args, kwargs)
+    x = args[0]
+    if not isinstance(x, (_Shaped, torch.Tensor)):
+        return None
+    if fn in _UNARY:
+        return _Shaped(x.shape, x.dtype)
+    if fn in _BINARY and len(args) == 2 and not kwargs:
+        y = args[1]
+        if isinstance(y, (_Shaped, torch.Tensor)):
+            if tuple(y.shape) == tuple(x.shape) and y.dtype == x.dtype:
+                return _Shaped(x.shape, x.dtype)
+        elif type(y) in (int, float) and x.dtype.is_floating_point:
+            return _Shaped(x.shape, x.dtype)
+        return None
+    return None
+
+
+def _cat_shape(args: tuple, kwargs: dict) -> _Shaped | None:
+    parts = args[0]
+    dim = args[1] if len(args) == 2 else kwargs.get("dim", 0)
+    if not isinstance(parts, (list, tuple)) or len(args) > 2 or set(kwargs) - {"dim"} or not parts:
+        return None
+    if not all(isinstance(p, (_Shaped, torch.Tensor)) for p in parts) or len({p.dtype for p in parts}) != 1:
+        return None
+    shapes = [tuple(p.shape) for p in parts]
+    rank = len(shapes[0])
+    if not isinstance(dim, int) or not -rank <= dim < rank:
+        return None
+    dim %= rank
+    rest = shapes[0][:dim] + shapes[0][dim + 1:]
+    if any(len(sh) != rank or sh[:dim] + sh[dim + 1:] != rest for sh in shapes):
+        return None  # let torch raise its own error
+    out = list(shapes[0])
+    out[dim] = sum(sh[dim] for sh in shapes)
+    return _Shaped(tuple(out), parts[0].dtype)
+
+
+def _mha_shape(mod: nn.MultiheadAttention, args: tuple, kwargs: dict) -> tuple | None:
+    """(attention output, weights or None) of nn.MultiheadAttention, after its size checks."""
+    known = {"key_padding_mask", "need_weights", "attn_mask", "average_attn_weights", "is_causal"}
+    if len(args) != 3 or set(kwargs) - known or not all(isinstance(a, (_Shaped, torch.Tensor)) for a in args):
+        return None
+    q, k, v = args
+    if q.dim() not in (2, 3) or k.dim() != q.dim() or v.dim() != q.dim():
+        return None
+    e = mod.embed_dim
+    ok = q.shape[-1] == e and k.shape[-1] == mod.kdim and v.shape[-1] == mod.vdim and e % mod.num_heads == 0
+    if mod._qkv_same_embed_dim:
+        ok = ok and tuple(mod.in_proj_weight.shape) == (3 * e, e)
+    ok = ok and tuple(mod.out_proj.weight.shape) == (e, e)
+    if not ok:
+        raise TraceError(f"MultiheadAttention (embed_dim {e}, {mod.num_heads} heads) gets query/key/value of "
+                         f"shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    out = _Shaped(q.shape, q.dtype)
+    if not kwargs.get("need_weights", True):
+        return out, None
+    if q.dim() == 2:
+        tgt, src, batch = q.shape[0], k.shape[0], ()
+    elif mod.batch_first:
+        tgt, src, batch = q.shape[1], k.shape[1], (q.shape[0],)
+    else:
+        tgt, src, batch = q.shape[0], k.shape[0], (q.shape[1],)
+    heads = () if kwargs.get("average_attn_weights", True) else (mod.num_heads,)
+    return out, _Shaped((*batch, *heads, tgt, src), q.dtype)
+
+
+def _materialize(obj: Any) -> Any:
+    return fx.node.map_aggregate(obj, lambda v: v.materialize() if isinstance(v, _Shaped) else v)
+
+
+def _record(n: fx.Node, result: Any) -> None:
+    found = False
+
+    def extract(obj: Any) -> Any:
+        nonlocal found
+        if isinstance(obj, _Shaped):
+            found = True
+            return obj.tensor_meta()
+        if isinstance(obj, torch.Tensor):
+            found = True
+            return _extract_tensor_metadata(obj)
+        return obj
+
+    meta = fx.node.map_aggregate(result, extract)
+    if found:
+        n.meta["tensor_meta"] = meta
+    else:
+        n.meta.pop("tensor_meta", None)
+    n.meta["type"] = torch.Tensor if isinstance(result, _Shaped) else type(result)
+
+
+def _meta_device_run(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
+    """Shapes on the meta device, without fx.Interpreter's per-node cost.
+
+    Common layers and shape-keeping functions get their output shape from a formula
+    (after checking channel counts) and never become tensors; other ops run on meta
+    tensors, with meta twins of the parameters they read. Any op without a meta kernel
+    raises, and the fake-tensor run takes over.
+    """
+    env: dict[fx.Node, Any] = {}
+    modules = dict(gm.named_modules())
+    pending = iter(inputs)
+
+    def load(a: Any) -> Any:
+        return fx.node.map_arg(a, lambda n: env[n])
+
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            val = next(pending, None)
+            if val is None:
+                val = n.args[0] if n.args else None
+            elif isinstance(val, torch.Tensor):
+                val = torch.empty_like(val, device="meta")
+        elif n.op == "get_attr":
+            val = gm
+            for part in n.target.split("."):
+                val = getattr(val, part)
+            if isinstance(val, torch.Tensor):
+                val = torch.empty_like(val, device="meta")
+        elif n.op == "output":
+            _record(n, load(n.args[0]))
+            return
+        else:
+            args, kwargs = load(n.args), load(n.kwargs)
+            val = None
+            if n.op == "call_module":
+                mod = modules[n.target]
+                if isinstance(mod, nn.MultiheadAttention):
+                    val = _mha_shape(mod, args, kwargs)
+                elif len(args) == 1 and not kwargs and isinstance(args[0], (_Shaped, torch.Tensor)):
+                    shape = _fast_shape(n.target, mod, args[0])
+                    val = None if shape is None else _Shaped(shape, args[0].dtype)
+                if val is None:
+                    twins = {k: torch.empty_like(v, device="meta") for k, v in
+                             list(mod.named_parameters()) + list(mod.named_buffers())}
+                    val = torch.func.functional_call(mod, twins, _materialize(args), _materialize(kwargs))
+            elif n.op == "call_function":
+                val = _function_shape(n.target, args, kwargs)
+                if val is None:
+                    val = n.target(*_materialize(args), **_materialize(kwargs))
+            else:  # call_method
+                self_obj, *rest = _materialize(args)
+                val = getattr(self_obj, n.target)(*rest, **_materialize(kwargs))
+        env[n] = val
+        _record(n, val)
 
 
 def _fast_shape(target: str, mod: nn.Module, x: torch.Tensor) -> tuple[int, ...] | None:
@@ -308,7 +546,7 @@ def _propagate(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
     try:
         metas = [torch.empty_like(t, device="meta") if isinstance(t, torch.Tensor) else t for t in inputs]
         with torch.no_grad():
-            _MetaDeviceProp(gm).run(*metas)
+            _meta_device_run(gm, metas)
         return
     except TraceError as exc:  # a channel count disagrees: no other run would do better
         raise TraceError(f"the traced model does not run on the example inputs: {exc}") from exc

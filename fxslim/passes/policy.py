@@ -34,8 +34,9 @@ from fxslim.graph.coupling import ChannelGroup, CouplingGraph
 from fxslim.graph.trace import trace
 from fxslim.passes.base import Pass, PassResult
 from fxslim.passes.estimate import CostModel
-from fxslim.passes.importance import get_importance, l1_importance
+from fxslim.passes.importance import Importance, get_importance, l1_importance
 from fxslim.passes.prune import PrunePlan, apply_plan, make_plan
+from fxslim.utils import gc_paused
 
 __all__ = [
     "PlanReport",
@@ -141,11 +142,14 @@ def allocate(cg: CouplingGraph, scores: Mapping[int, np.ndarray], policy: Policy
     return removal
 
 
+@gc_paused
 def score_groups(gm: nn.Module, cg: CouplingGraph, importance: Callable, ignore: Iterable[str]) -> dict[int, np.ndarray]:
     """Scores of every prunable, non-ignored group."""
     ignore = set(ignore)
     out = {}
     cache: dict = {}
+    if isinstance(importance, Importance):
+        importance.reset()
     for grp in cg.groups:
         if not grp.prunable or _ignored(grp, ignore):
             continue

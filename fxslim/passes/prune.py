@@ -23,8 +23,9 @@ from torch import fx, nn
 from fxslim.errors import PassContractError, PinnedChannelsError, PlanMismatchError, TraceError
 from fxslim.graph import rules as R
 from fxslim.graph.coupling import ChannelGroup, CouplingGraph, Member
-from fxslim.graph.trace import as_input_tuple, copy_structure, propagate_shapes
+from fxslim.graph.trace import as_input_tuple, compile_now, copy_structure, propagate_shapes
 from fxslim.passes.base import Pass, PassResult
+from fxslim.utils import gc_paused
 
 __all__ = [
     "PruneChannelsPass",
@@ -138,14 +139,9 @@ def find_recorded_group(cg: CouplingGraph, entry: dict[str, Any]) -> ChannelGrou
     return same[n] if n < len(same) else None
 
 
-def _set_tensor(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
+def _owner(modules: Mapping[str, nn.Module], target: str) -> tuple[nn.Module, str]:
     owner_path, _, name = target.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    old = getattr(owner, name)
-    if isinstance(old, nn.Parameter):
-        setattr(owner, name, nn.Parameter(value, requires_grad=old.requires_grad))
-    else:
-        owner._buffers[name] = value
+    return modules[owner_path], name
 
 
 def _get_tensor(gm: nn.Module, target: str) -> torch.Tensor:
@@ -154,42 +150,54 @@ def _get_tensor(gm: nn.Module, target: str) -> torch.Tensor:
     return getattr(owner, name)
 
 
+@gc_paused
 def apply_plan(gm: fx.GraphModule, cg: CouplingGraph, plan: PrunePlan, example_inputs: Any) -> fx.GraphModule:
-    """Apply `plan` to a deep copy of `gm` (the analysed module) and return the copy."""
+    """Apply `plan` to a copy of `gm` (the analysed module) and return the copy."""
     new = copy_structure(gm)  # tensors shared until sliced or cloned below
+    modules = dict(new.named_modules())
     by_target: dict[str, list[tuple[int, np.ndarray]]] = defaultdict(list)
     for (target, dim), kept in plan.keep.items():
         by_target[target].append((dim, kept))
     with torch.no_grad():
         for target, cuts in by_target.items():
-            t = _get_tensor(new, target).detach()
+            owner, name = _owner(modules, target)
+            old = getattr(owner, name)
+            t = old.detach()
             for dim, kept in cuts:
                 t = t.index_select(dim, torch.as_tensor(kept, device=t.device))
-            _set_tensor(new, target, t.contiguous())
+            if isinstance(old, nn.Parameter):
+                owner._parameters[name] = nn.Parameter(t.contiguous(), requires_grad=old.requires_grad)
+            else:
+                owner._buffers[name] = t.contiguous()
         # whatever was not sliced is still the analysed module's tensor: own a copy
-        shared = {id(x) for x in list(gm.parameters()) + list(gm.buffers())}
-        for owner in new.modules():
-            for name, p in list(owner._parameters.items()):
-                if p is not None and id(p) in shared:
-                    owner._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
-            for name, buf in list(owner._buffers.items()):
-                if buf is not None and id(buf) in shared:
-                    owner._buffers[name] = buf.clone()
-    modules = dict(new.named_modules())
-    changed_modules = {t.rpartition(".")[0] for t in by_target}
-    for path in sorted(changed_modules):
+        # (one copy per tensor, so weights tied across modules stay tied)
+        old_modules = dict(gm.named_modules())
+        copies: dict[int, torch.Tensor] = {}
+        for path, owner in modules.items():
+            before = old_modules.get(path)
+            if before is None:
+                continue
+            for table, old_table in ((owner._parameters, before._parameters), (owner._buffers, before._buffers)):
+                for name, t in table.items():
+                    if t is None or t is not old_table.get(name):
+                        continue
+                    clone = copies.get(id(t))
+                    if clone is None:
+                        clone = t.detach().clone()
+                        if isinstance(t, nn.Parameter):
+                            clone = nn.Parameter(clone, requires_grad=t.requires_grad)
+                        copies[id(t)] = clone
+                    table[name] = clone
+    for path in sorted({t.rpartition(".")[0] for t in by_target}):
         mod = modules.get(path)
-        if mod is None:
-            continue
-        sync = R.sync_of(mod)
+        sync = R.sync_of(mod) if mod is not None else None
         if sync is not None:
             sync(mod)
-    _fix_literals(new, gm, cg, plan)
+    _fix_literals(new, gm, cg, plan, modules)
     new.meta["fxslim_history"] = list(gm.meta.get("fxslim_history", [])) + [plan_record(cg, plan)]
     new.meta["fxslim_keep"] = _compose_keep(gm.meta.get("fxslim_keep", {}), plan.keep)
-    new.recompile()
-    new.graph.lint()
-    try:
+    compile_now(new)
+    try:  # also the check that every rewritten size agrees: each node runs on meta tensors
         propagate_shapes(new, as_input_tuple(example_inputs))
     except TraceError as exc:
         raise PassContractError(
@@ -198,10 +206,10 @@ def apply_plan(gm: fx.GraphModule, cg: CouplingGraph, plan: PrunePlan, example_i
     return new
 
 
-def _fix_literals(new: fx.GraphModule, old: fx.GraphModule, cg: CouplingGraph, plan: PrunePlan) -> None:
+def _fix_literals(new: fx.GraphModule, old: fx.GraphModule, cg: CouplingGraph, plan: PrunePlan,
+                  modules: Mapping[str, nn.Module]) -> None:
     b = cg.builder
     old_nodes = {n.name: n for n in old.graph.nodes}
-    modules = dict(new.named_modules())
 
     def spaces(node: fx.Node) -> Any:
         return b.out.get(old_nodes[node.name])
