@@ -1,0 +1,228 @@
+"""The op-rule table: one registration per op."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from fxslim.graph.coupling import Builder
+from fxslim.graph.rules.base import Rule, register_rule
+from fxslim.graph.rules.common import _spatial_ops, elementwise, same_as_input
+from fxslim.graph.rules.layers import (
+    couple_batchnorm,
+    couple_conv,
+    couple_conv_transpose,
+    couple_embedding,
+    couple_groupnorm,
+    couple_instancenorm,
+    couple_layernorm,
+    couple_linear,
+    couple_mha,
+    couple_prelu,
+    couple_stat_dim,
+    sync_batchnorm,
+    sync_conv,
+    sync_conv_transpose,
+    sync_embedding,
+    sync_groupnorm,
+    sync_layernorm,
+    sync_linear,
+    sync_mha,
+    sync_prelu,
+)
+from fxslim.graph.rules.tensor_ops import (
+    _pool,
+    _reduce,
+    couple_adaptive_pool,
+    couple_cat,
+    couple_channel_shuffle,
+    couple_einsum,
+    couple_expand,
+    couple_getitem,
+    couple_interpolate,
+    couple_layer_norm_fn,
+    couple_linear_fn,
+    couple_matmul,
+    couple_pad,
+    couple_permute,
+    couple_pixel_shuffle,
+    couple_pixel_unshuffle,
+    couple_reshape,
+    couple_sdpa,
+    couple_split,
+    couple_squeeze,
+    couple_stack,
+    couple_t,
+    couple_transpose,
+    couple_unbind,
+    couple_unsqueeze,
+    fix_getitem,
+    fix_layer_norm_fn,
+    fix_shape_args,
+    fix_split,
+    literal_dims_getitem,
+    literal_dims_layer_norm,
+    literal_dims_shape,
+    literal_dims_split,
+)
+
+
+def literal_spaces(b: Builder, node: fx.Node, rule: Rule) -> list[int]:
+    """Spaces whose new size a rule's `fix_literals` writes into the node's arguments."""
+    fn = _LITERAL_DIMS.get(rule.fix_literals)
+    return fn(b, node) if fn is not None else []
+
+
+
+# ---------------------------------------------------------------------------------------
+# the table
+
+_ELEMENTWISE_FUNCS = [
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.iadd,
+    operator.imul, operator.isub,
+    torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.abs, torch.exp, torch.sqrt,
+    torch.relu, torch.sigmoid, torch.tanh, torch.clamp, torch.where, torch.maximum, torch.minimum,
+    torch.pow, torch.rsqrt, torch.erf, torch.square, torch.nn.functional.hardtanh,
+    F.relu, F.relu6, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh,
+    F.leaky_relu, F.elu, F.selu, F.celu, F.softplus, F.dropout, F.dropout1d, F.dropout2d,
+    F.dropout3d, F.alpha_dropout, F.hardtanh,
+]
+_ELEMENTWISE_METHODS = [
+    "add", "sub", "mul", "div", "neg", "abs", "exp", "sqrt", "relu", "sigmoid", "tanh", "clamp",
+    "pow", "add_", "mul_", "sub_", "div_", "relu_", "sigmoid_", "float", "half", "double", "to",
+    "type_as", "contiguous", "clone", "detach", "masked_fill", "__add__", "__mul__", "rsqrt",
+    "square", "clamp_min", "clamp_max",
+]
+_ELEMENTWISE_MODULES = [
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardswish,
+    nn.Hardsigmoid, nn.Hardtanh, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Softplus,
+    nn.Softsign, nn.Tanhshrink, nn.LogSigmoid, nn.Identity, nn.Dropout, nn.Dropout1d,
+    nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+]
+
+for _f in _ELEMENTWISE_FUNCS:  # the output's channels are the inputs' channels
+    register_rule(_f, elementwise)
+for _m in _ELEMENTWISE_METHODS:
+    register_rule(f"method:{_m}", elementwise)
+for _m in _ELEMENTWISE_MODULES:
+    register_rule(_m, elementwise)
+
+def _CONV_ATTRS(mod: nn.Module) -> tuple:
+    if mod.groups == 1:
+        return (("out_channels", "weight", 0), ("in_channels", "weight", 1))
+    return (("out_channels", "weight", 0), ("groups", "weight", 0), ("in_channels", "weight", 0))
+_NORM_ATTRS = (("num_features", "weight", 0), ("num_features", "running_mean", 0))
+for _c in (nn.Conv1d, nn.Conv2d, nn.Conv3d):  # out = new space; in = weight columns
+    register_rule(_c, couple_conv, sync_conv, attrs=_CONV_ATTRS)
+for _c in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+    register_rule(_c, couple_conv_transpose, sync_conv_transpose,
+                  attrs=(("in_channels", "weight", 0), ("out_channels", "weight", 1)))
+register_rule(nn.Linear, couple_linear, sync_linear,
+              attrs=(("out_features", "weight", 0), ("in_features", "weight", 1)))  # last dim: in -> new out
+for _c in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm):
+    register_rule(_c, couple_batchnorm, sync_batchnorm, attrs=_NORM_ATTRS)  # per-channel affine, stats
+for _c in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
+    register_rule(_c, couple_instancenorm, sync_batchnorm, attrs=_NORM_ATTRS)
+register_rule(nn.LayerNorm, couple_layernorm, sync_layernorm, attrs=(("normalized_shape", "weight", 0),))  # stat over last dim
+register_rule(nn.GroupNorm, couple_groupnorm, sync_groupnorm,
+              attrs=(("num_channels", "weight", 0), ("num_groups", "weight", 0)))  # whole groups
+for _c in (nn.Softmax, nn.LogSoftmax, nn.LocalResponseNorm, nn.CrossMapLRN2d):
+    register_rule(_c, couple_stat_dim)  # shape-preserving statistic over one dim
+register_rule(nn.PReLU, couple_prelu, sync_prelu, attrs=(("num_parameters", "weight", 0),))
+register_rule(nn.Embedding, couple_embedding, sync_embedding, attrs=(("embedding_dim", "weight", 1),))
+register_rule(nn.MultiheadAttention, couple_mha, sync_mha,
+              attrs=(("embed_dim", "in_proj_weight", 1), ("num_heads", "in_proj_weight", 1)))  # whole heads
+for _n, _cs in ((1, (nn.MaxPool1d, nn.AvgPool1d, nn.LPPool1d, nn.ConstantPad1d, nn.ZeroPad1d, nn.ReflectionPad1d, nn.ReplicationPad1d)),
+                (2, (nn.MaxPool2d, nn.AvgPool2d, nn.LPPool2d, nn.ConstantPad2d, nn.ZeroPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d)),
+                (3, (nn.MaxPool3d, nn.AvgPool3d, nn.ConstantPad3d, nn.ZeroPad3d, nn.ReflectionPad3d, nn.ReplicationPad3d))):
+    for _c in _cs:  # channels pass through, spatial dims are new
+        register_rule(_c, _pool(_n))
+for _c in (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+           nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d):
+    register_rule(_c, couple_adaptive_pool)
+for _c in (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d):
+    register_rule(_c, couple_interpolate)
+register_rule(nn.PixelShuffle, couple_pixel_shuffle)  # c <- c*r^2 .. (c+1)*r^2
+register_rule(nn.PixelUnshuffle, couple_pixel_unshuffle)
+register_rule(nn.ChannelShuffle, couple_channel_shuffle)  # out[j*g+i] = in[i*cpg+j]
+register_rule(nn.Flatten, couple_reshape)  # strided merge
+register_rule(nn.Unflatten, couple_reshape)
+
+for _f in (F.max_pool1d, F.avg_pool1d):
+    register_rule(_f, _spatial_ops(1))
+for _f in (F.max_pool2d, F.avg_pool2d, F.lp_pool2d):
+    register_rule(_f, _spatial_ops(2))
+for _f in (F.max_pool3d, F.avg_pool3d):
+    register_rule(_f, _spatial_ops(3))
+for _f in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+           F.adaptive_max_pool2d):
+    register_rule(_f, couple_adaptive_pool)
+register_rule(F.interpolate, couple_interpolate)
+register_rule(F.pad, couple_pad)
+register_rule(F.pixel_shuffle, couple_pixel_shuffle)
+register_rule(F.pixel_unshuffle, couple_pixel_unshuffle)
+register_rule(torch.pixel_shuffle, couple_pixel_shuffle)
+register_rule(torch.channel_shuffle, couple_channel_shuffle)
+register_rule(F.softmax, couple_stat_dim)
+register_rule(F.log_softmax, couple_stat_dim)
+register_rule(torch.softmax, couple_stat_dim)
+register_rule("method:softmax", couple_stat_dim)
+register_rule("method:log_softmax", couple_stat_dim)
+register_rule(F.linear, couple_linear_fn)
+register_rule(F.layer_norm, couple_layer_norm_fn, fix_literals=fix_layer_norm_fn)
+register_rule(F.scaled_dot_product_attention, couple_sdpa)
+
+register_rule(torch.cat, couple_cat)  # inputs at offsets
+register_rule(torch.concat, couple_cat)
+register_rule(torch.stack, couple_stack)
+for _k in (torch.split, torch.chunk, "method:split", "method:chunk"):
+    register_rule(_k, couple_split, fix_literals=fix_split)  # ranges of the input
+register_rule(torch.unbind, couple_unbind)
+register_rule("method:unbind", couple_unbind)
+register_rule(operator.getitem, couple_getitem, fix_literals=fix_getitem)
+for _k in ("method:view", "method:reshape", torch.reshape, "method:flatten", torch.flatten,
+           "method:unflatten", torch.unflatten):
+    fix = fix_shape_args if _k in ("method:view", "method:reshape", torch.reshape) else None
+    register_rule(_k, couple_reshape, fix_literals=fix)
+for _k in (torch.permute, "method:permute"):
+    register_rule(_k, couple_permute)  # dims move, spaces follow
+for _k in (torch.transpose, "method:transpose", torch.swapaxes, "method:swapaxes"):
+    register_rule(_k, couple_transpose)
+register_rule("method:t", couple_t)
+for _k in (torch.unsqueeze, "method:unsqueeze"):
+    register_rule(_k, couple_unsqueeze)
+for _k in (torch.squeeze, "method:squeeze"):
+    register_rule(_k, couple_squeeze)
+register_rule("method:expand", couple_expand, fix_literals=fix_shape_args)
+for _k in (torch.mean, "method:mean"):
+    register_rule(_k, _reduce(stat=True))  # a mean over channels is a statistic
+for _k in (torch.sum, "method:sum", torch.amax, "method:amax"):
+    register_rule(_k, _reduce(stat=False))
+for _k in (torch.matmul, operator.matmul, "method:matmul", torch.bmm):
+    register_rule(_k, couple_matmul)
+register_rule(torch.einsum, couple_einsum)
+
+
+_LITERAL_DIMS = {
+    fix_split: literal_dims_split,
+    fix_getitem: literal_dims_getitem,
+    fix_shape_args: literal_dims_shape,
+    fix_layer_norm_fn: literal_dims_layer_norm,
+}
+
+
+def _register_torchvision() -> None:
+    """torchvision's wrapped ops that are plain identities on channels."""
+    try:
+        from torchvision.ops import stochastic_depth
+        from torchvision.ops.misc import Permute
+    except ImportError:  # torchvision is optional
+        return
+    register_rule(stochastic_depth, same_as_input)  # drops whole samples or rows, never channels
+    register_rule(Permute, couple_permute)
+
+
+_register_torchvision()
