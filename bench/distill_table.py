@@ -85,8 +85,7 @@ def run(name, teacher, train, val, test, x, feats, t_epochs, epochs) -> list[str
 
 def table(names: tuple[str, ...] = ()) -> str:
     torch.set_num_threads(2)
-    rows = [f"| data | method | epochs | MACs kept | test accuracy % ({len(SEEDS)} seeds) | vs teacher | "
-            "vs label-only |",
+    rows = [f"| data | method | epochs | MACs kept | test accuracy % ({len(SEEDS)} seeds) | vs teacher | vs label-only |",
             "|---|---|---|---|---|---|---|"]
     for args in datasets():
         if not names or args[0] in names:

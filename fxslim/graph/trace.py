@@ -286,21 +286,7 @@ class _MetaProp(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
-        found = False
-
-        def extract(obj: Any) -> Any:
-            nonlocal found
-            if isinstance(obj, torch.Tensor):
-                found = True
-                return _extract_tensor_metadata(obj)
-            return obj
-
-        meta = fx.node.map_aggregate(result, extract)
-        if found:
-            n.meta["tensor_meta"] = meta
-        else:
-            n.meta.pop("tensor_meta", None)
-        n.meta["type"] = type(result)
+        _record(n, result)
         return result
 
     @staticmethod
