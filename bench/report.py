@@ -81,9 +81,10 @@ latency probes, then a bisection on measured time); the result re-timed independ
 `python -m bench.policy_compare`: at 2x and 3x fewer MACs, fxslim's latency-aware ranking
 (`prune_to_latency(..., macs_target=...)`, widths rounded to 16), fxslim's uniform ratio
 (`round_to=16`: one AVX-512 fp32 register, onnxruntime's NCHWc block on this CPU), and
-torch-pruning's default (uniform ratio, L1, ratio bisected to the same MACs). Speed-up
-over the original, torch eager and onnxruntime, batch 1 (20 runs) and 32 (3 runs),
-2 threads, medians.
+torch-pruning's default (uniform ratio, L1, ratio bisected to the same MACs); on
+mobilenet_v2 also the latency-aware search probed in onnxruntime. Speed-up over the
+original, torch eager and onnxruntime, batch 1 (20 runs) and 32 (3 runs), 2 threads,
+medians.
 
 {pc}
 
