@@ -90,6 +90,8 @@ class ChannelGroup:
     unit_of: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
     # member -> class id (members of one class share the class's element indexing)
     member_class: dict[Member, int] = field(default_factory=dict, repr=False)
+    # classes whose element i is unit i (unit_of is arange(size)): the common case
+    identity: set[int] = field(default_factory=set, repr=False)
 
     def channels_of(self, member: Member, units: Iterable[int]) -> np.ndarray:
         """Indices along `member.dim` that removing `units` removes."""
@@ -371,6 +373,8 @@ class CouplingGraph:
                 root=root,
                 unit_of=unit_of,
                 member_class={m: c for c in sig for m in members.get(c, ())},
+                identity={c for c, u in unit_of.items()
+                          if len(u) == len(order) and (u == np.arange(len(order))).all()},
             )
             cg.groups.append(grp)
         cg.groups.sort(key=lambda grp: _member_order(grp, b))

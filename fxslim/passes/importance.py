@@ -46,7 +46,10 @@ _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish, nn.L
 
 def reduce_units(group: ChannelGroup, member: Member, per_index: np.ndarray, how: str = "mean") -> np.ndarray:
     """Per-unit reduction (mean, sum or max) of a per-index score of one member."""
-    units = group.unit_of[group.member_class[member]]
+    cls = group.member_class[member]
+    if cls in group.identity:  # one index per unit, in order: nothing to reduce
+        return per_index
+    units = group.unit_of[cls]
     ok = units >= 0
     u, v = units[ok], per_index[ok]
     if how == "max":
@@ -172,24 +175,24 @@ def _powered(t: torch.Tensor, p: int, out: torch.Tensor | None = None) -> torch.
 def _magnitudes(t: torch.Tensor, p: int, work: torch.Tensor) -> dict[int, np.ndarray]:
     """{dim: sum of |t|^p over the other dims} for dims 0 and 1, reading `t` once.
 
-    |t|^p is formed a block of rows at a time inside `work` and reduced by matrix-vector
-    products (torch's strided reductions, e.g. vector_norm over dims 0/2/3 of a conv
-    weight, are up to 10x slower; whole-tensor temporaries cost page faults).
+    |t|^p is formed a block of rows at a time inside `work` (cache-sized; whole-tensor
+    temporaries cost page faults) and reduced along rows and columns there, then to dim 1
+    by a matrix-vector product (torch's strided reductions, e.g. vector_norm over dims
+    0/2/3 of a conv weight, are up to 10x slower).
     """
     if t.dim() <= 1:
         return {0: _powered(t, p).reshape(-1).double().cpu().numpy()}
     d0, d1 = t.shape[:2]
     flat = t.reshape(d0, -1)
     n = flat.shape[1]
-    ones_n = torch.ones(n, device=t.device)
     rows = torch.empty(d0, device=t.device)
     cols = torch.zeros(n, device=t.device)
     step = max(1, _CHUNK // n)
     for r in range(0, d0, step):
         part = flat[r:r + step]
         a = _powered(part, p, work[: part.numel()].view(part.shape))
-        rows[r:r + step] = a @ ones_n
-        cols += torch.ones(a.shape[0], device=t.device) @ a
+        torch.sum(a, 1, out=rows[r:r + step])
+        cols += a.sum(0)
     cols = cols.reshape(d1, -1) @ torch.ones(n // d1, device=t.device)
     return {0: rows.double().cpu().numpy(), 1: cols.double().cpu().numpy()}
 
