@@ -32,6 +32,24 @@ def test_search_reaches_target_under_a_deterministic_clock():
         assert small(x).shape == (1, 1000)
 
 
+def test_search_compares_side_by_side_under_a_drifting_clock():
+    """The CPU gets 2% slower at every timing (thermal or other load): a search that
+    timed the original once, at the start, would stop far from the target."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 32, 32)
+    calls = [0]
+
+    def drifting_ms(m):
+        calls[0] += 1
+        return count_macs(m, x) / 1e6 * (1.02 ** calls[0])
+
+    small = fxslim.prune(model, x, target_latency=0.5, ignore=["fc"],
+                         latency_options={"measure": drifting_ms, "tol": 0.03, "steps": 14})
+    ratio = count_macs(small, x) / count_macs(model, x)  # the drift-free truth
+    assert abs(ratio - 0.5) <= 0.5 * 0.03 + 0.02  # tolerance + one step of drift
+
+
 def test_latency_of_backends_run(tmp_path):
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()).eval()
     x = torch.randn(1, 3, 16, 16)
