@@ -1,13 +1,16 @@
 """Latency target: asked vs measured, torch eager, batch 1, 2 threads.
 
 `fxslim.prune(..., target_latency=t)` searches with its own timings; the result is then
-timed again independently (fresh median) and compared with t x the original.
+timed again independently and compared with t x the original: 7 rounds, each timing the
+original and the pruned model back to back (20 runs each); the ratio is the median of the
+per-round ratios (sequential medians drift by 5-10% on this machine).
 
     python -m bench.latency_target [model ...]
 """
 
 from __future__ import annotations
 
+import statistics
 import sys
 
 import torch
@@ -17,6 +20,16 @@ import fxslim
 from fxslim.runtime.measure import count_macs, measure_latency
 
 MODELS = {"resnet18": "fc", "resnet50": "fc", "mobilenet_v2": "classifier.1"}
+
+
+def paired(a, b, x, rounds: int = 7, runs: int = 20) -> tuple[float, float, float]:
+    """(median ms of a, median ms of b, median over rounds of b/a timed back to back)."""
+    ta, tb = [], []
+    for _ in range(rounds):
+        ta.append(measure_latency(a, x, threads=2, runs=runs)["median_ms"])
+        tb.append(measure_latency(b, x, threads=2, runs=runs)["median_ms"])
+    ratio = statistics.median(v / u for u, v in zip(ta, tb))
+    return statistics.median(ta), statistics.median(tb), ratio
 
 
 def table(names=tuple(MODELS), target: float = 0.5) -> str:
@@ -29,9 +42,7 @@ def table(names=tuple(MODELS), target: float = 0.5) -> str:
         x = torch.randn(1, 3, 224, 224)
         small = fxslim.prune(model, x, target_latency=target, ignore=[MODELS[name]], round_to=8,
                              latency_options={"threads": 2, "runs": 15})
-        t0 = measure_latency(model, x, threads=2, runs=40)["median_ms"]
-        t1 = measure_latency(small, x, threads=2, runs=40)["median_ms"]
-        frac = t1 / t0
+        t0, t1, frac = paired(model, small, x)
         rows.append(f"| {name} | {target:.2f} | {t0:.1f} | {t1:.1f} | {frac:.3f} | "
                     f"{count_macs(small, x) / count_macs(model, x):.3f} | {'yes' if abs(frac - target) <= 0.1 * target else 'no'} |")
         print(rows[-1], file=sys.stderr, flush=True)

@@ -71,8 +71,9 @@ MACs reduction, 1.0 being the compute-bound limit (`python -m bench.latency`).
 ## Latency target
 
 `fxslim.prune(model, x, target_latency=0.5, round_to=8)`: measured search (per-group
-latency probes, then a bisection on measured time); the result re-timed independently
-(`python -m bench.latency_target`).
+latency probes, then a bisection in which every candidate is timed next to a fresh timing
+of the original); the result re-timed independently: 7 rounds of original and pruned
+back to back, median of the per-round ratios (`python -m bench.latency_target`).
 
 {lt}
 
