@@ -485,31 +485,28 @@ def couple_pad(b: Builder, node: fx.Node, mod=None, path=None) -> None:
 
 def couple_pixel_shuffle(b: Builder, node: fx.Node, mod=None, path=None) -> None:
     """pixel_shuffle(r): output channel c is input channels c*r^2 .. c*r^2 + r^2 - 1."""
-    x = node.args[0]
-    xs = b.out[x]
     r = mod.upscale_factor if mod is not None else _arg(node, 1, "upscale_factor")
-    shape = _shape(node)
-    cd = len(shape) - 3
-    out = list(xs[:cd])
-    c = b.new(shape[cd], f"{node.name}:{cd}")
-    f = np.arange(_shape(x)[cd])
-    b.link(xs[cd], f, c, f // (r * r))
-    out.append(c)
-    loc = f"spatial dim of {where(node, b.gm)}"
-    out += [b.new(shape[d], f"{node.name}:{d}", loc) for d in (cd + 1, cd + 2)]
-    b.out[node] = out
+    _pixel_rearrange(b, node, r, shuffle=True)
 
 
 def couple_pixel_unshuffle(b: Builder, node: fx.Node, mod=None, path=None) -> None:
     """pixel_unshuffle(r): output channels c*r^2 .. c*r^2 + r^2 - 1 come from input channel c."""
-    x = node.args[0]
-    xs = b.out[x]
     r = mod.downscale_factor if mod is not None else _arg(node, 1, "downscale_factor")
-    shape = _shape(node)
+    _pixel_rearrange(b, node, r, shuffle=False)
+
+
+def _pixel_rearrange(b: Builder, node: fx.Node, r: int, shuffle: bool) -> None:
+    """Channels <-> r x r pixel blocks: each block of r^2 wide-side channels is one narrow-side channel."""
+    x = node.args[0]
+    xs, shape = b.out[x], _shape(node)
     cd = len(shape) - 3
     c = b.new(shape[cd], f"{node.name}:{cd}")
-    f = np.arange(shape[cd])
-    b.link(xs[cd], f // (r * r), c, f)
+    if shuffle:  # the input is the wide side
+        f = np.arange(_shape(x)[cd])
+        b.link(xs[cd], f, c, f // (r * r))
+    else:
+        f = np.arange(shape[cd])
+        b.link(xs[cd], f // (r * r), c, f)
     loc = f"spatial dim of {where(node, b.gm)}"
     b.out[node] = list(xs[:cd]) + [c] + [b.new(shape[d], f"{node.name}:{d}", loc) for d in (cd + 1, cd + 2)]
 
