@@ -6,7 +6,7 @@ labels only, logit KD, logit + channel-aligned feature KD, and logit KD into a
 from-scratch thin student of the same MACs. Test accuracy, mean and standard deviation
 over 10 seeds (best validation epoch restored), and the difference to label-only.
 
-    python -m bench.distill_table [digits] [MNIST-1D]     # ~20 minutes on 2 cores
+    python -m bench.distill_table [digits] [MNIST-1D] ['MNIST-1D, 10% data']   # ~25 minutes
 """
 
 from __future__ import annotations
@@ -33,9 +33,10 @@ SEEDS = tuple(range(10))  # differences are a few tenths of a point: 3 seeds can
 
 def datasets():
     tr, va, te = digits_splits(seed=0)
-    # (name, teacher, train, val, test, example, feature layers, teacher epochs, recovery epochs)
+    # (name, teacher, teacher's training data, recovery data, val, test, example, feature
+    #  layers, teacher epochs, recovery epochs)
     # 30 teacher epochs: an 8-epoch teacher (98.9%) was beaten by its own pruned students
-    yield "digits", DigitsResNet(width=64), tr, va, te, torch.randn(1, 1, 8, 8), ["block2.0", "block4.0"], 30, 6
+    yield "digits", DigitsResNet(width=64), tr, tr, va, te, torch.randn(1, 1, 8, 8), ["block2.0", "block4.0"], 30, 6
     tr, te = mnist1d_loaders(seed=0)
     n = len(tr.dataset)
     val = DataLoader(Subset(tr.dataset, range(n - 500, n)), batch_size=512)
@@ -43,10 +44,16 @@ def datasets():
                        generator=torch.Generator().manual_seed(0))
     # 40 teacher epochs: a 12-epoch teacher (97.0%) was beaten by its own pruned students
     # fine-tuned longer with labels (97.3%), i.e. it was not converged
-    yield "MNIST-1D", MNIST1DCNN(width=64), train, val, te, torch.randn(1, 1, 40), ["features.3", "features.9"], 40, 15
+    feats = ["features.3", "features.9"]
+    yield "MNIST-1D", MNIST1DCNN(width=64), train, train, val, te, torch.randn(1, 1, 40), feats, 40, 15
+    # the same teacher, recovered on 350 signals (10% of its training data): scarce
+    # recovery data, the common case when the original training set is not at hand
+    few = DataLoader(Subset(tr.dataset, range(350)), batch_size=64, shuffle=True,
+                     generator=torch.Generator().manual_seed(0))
+    yield "MNIST-1D, 10% data", MNIST1DCNN(width=64), train, few, val, te, torch.randn(1, 1, 40), feats, 40, 15
 
 
-def run(name, teacher, train, val, test, x, feats, t_epochs, epochs) -> list[str]:
+def run(name, teacher, train, recover, val, test, x, feats, t_epochs, epochs) -> list[str]:
     torch.manual_seed(0)
     teacher = fit(teacher, train, epochs=t_epochs, seed=0)
     t_acc = accuracy(teacher, test)
@@ -65,11 +72,11 @@ def run(name, teacher, train, val, test, x, feats, t_epochs, epochs) -> list[str
             }
             for label, extra in runs.items():
                 student = fxslim.prune(teacher, x, target_macs=budget, ignore=[head])
-                out = distill(student, teacher, train, val, **kw, **extra).student
+                out = distill(student, teacher, recover, val, **kw, **extra).student
                 res.setdefault(label, []).append(accuracy(out, test))
             ratio = fxslim.prune(teacher, x, target_macs=budget, ignore=[head], dry_run=True).ratio
             thin = thin_copy(teacher, x, ratio, ignore=[head])
-            out = distill(thin, teacher, train, val, **kw, alpha=0.9, temperature=4.0).student
+            out = distill(thin, teacher, recover, val, **kw, alpha=0.9, temperature=4.0).student
             res.setdefault("KD into thin student (scratch)", []).append(accuracy(out, test))
         macs = fxslim.count_macs(fxslim.prune(teacher, x, target_macs=budget, ignore=[head]), x) / fxslim.count_macs(teacher, x)
         base = statistics.mean(res["fine-tune (labels only)"]) * 100
