@@ -23,7 +23,8 @@ from torch import fx, nn
 from fxslim.errors import PassContractError, PinnedChannelsError, PlanMismatchError, TraceError
 from fxslim.graph import rules as R
 from fxslim.graph.coupling import ChannelGroup, CouplingGraph, Member
-from fxslim.graph.trace import as_input_tuple, compile_now, copy_structure, propagate_shapes
+from fxslim.graph.shapes import propagate_shapes
+from fxslim.graph.trace import as_input_tuple, compile_now, copy_structure
 from fxslim.passes.base import Pass, PassResult
 from fxslim.utils import gc_paused
 

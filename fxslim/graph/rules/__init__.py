@@ -9,8 +9,9 @@ An op with no entry is never guessed: the analysis pins every space it touches a
 reason names the op and the module path. Users add entries with `register_rule`.
 
 Layout: `base` (the Rule type, the table, lookups), `common` (helpers such as
-`elementwise`, graph inputs/outputs, unknown ops), `layers` (modules), `tensor_ops`
-(structural ops), `table` (the registrations).
+`elementwise`, graph inputs/outputs, unknown ops), `layers` (modules), `views`
+(reshapes, permutes), `tensor_ops` (concat, split, indexing, pooling, matmul), `table`
+(the registrations).
 """
 
 from fxslim.graph.rules.base import RULES, SHAPE_QUERIES, Rule, lookup_rule, register_rule, sync_of

@@ -7,7 +7,7 @@ from typing import Any
 from torch import fx, nn
 
 from fxslim.graph.coupling import Builder, where
-from fxslim.graph.trace import node_shapes
+from fxslim.graph.shapes import node_shapes
 
 # ---------------------------------------------------------------------------------------
 # helpers
