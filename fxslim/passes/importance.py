@@ -130,10 +130,6 @@ class Importance:
         return hit[1][target]
 
 
-def _param(gm: nn.Module, target: str) -> torch.Tensor:
-    return gm.get_parameter(target).detach()
-
-
 class MagnitudeImportance(Importance):
     """L_p magnitude of each index's slice (p = 1 or 2)."""
 
@@ -208,14 +204,14 @@ class BNScaleImportance(Importance):
         mod = gm.get_submodule(m.module)
         if not isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)):
             return None
-        return _param(gm, m.target).abs().double().numpy()
+        return self.param(gm, m.target).detach().abs().double().numpy()
 
 
 class LAMPImportance(Importance):
     """LAMP (layer-adaptive magnitude): w_i^2 over the sum of w_j^2 not smaller than it."""
 
     def per_index(self, gm: nn.Module, m: Member) -> np.ndarray:
-        t = _param(gm, m.target).float()
+        t = self.param(gm, m.target).detach().float()
         dims = [d for d in range(t.dim()) if d != m.dim]
         sq = (t.pow(2).sum(dim=dims) if dims else t.pow(2)).double().numpy()
         order = np.argsort(sq)  # ascending
