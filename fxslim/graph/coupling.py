@@ -34,6 +34,7 @@ from scipy.sparse.csgraph import connected_components
 from torch import fx, nn
 
 from fxslim.errors import PassContractError
+from fxslim.utils import sorted_unique
 
 __all__ = ["Builder", "ChannelGroup", "CouplingGraph", "Member", "where"]
 
@@ -266,7 +267,7 @@ class CouplingGraph:
         n_spaces = len(b.sizes)
         roots = np.array([b.find(s) for s in range(n_spaces)], dtype=np.int64)
         cg.class_of = roots
-        class_ids = np.unique(roots)
+        class_ids = sorted_unique(roots)
         sizes = np.array(b.sizes, dtype=np.int64)
         offset = np.zeros(n_spaces, dtype=np.int64)
         csizes = sizes[class_ids]
@@ -334,7 +335,7 @@ class CouplingGraph:
         elem_unit = np.concatenate([labels[offset[c]: offset[c] + cg.class_size[c]] for c in relevant_list])
         elem_cls = np.repeat(np.arange(len(relevant_list)), [cg.class_size[c] for c in relevant_list])
         n_cls = len(relevant_list)
-        pair = np.unique(elem_unit * n_cls + elem_cls)  # distinct (unit, class) pairs
+        pair = sorted_unique(elem_unit * n_cls + elem_cls)  # distinct (unit, class) pairs
         pu, pc = pair // n_cls, pair % n_cls
         units, start = np.unique(pu, return_index=True)
         with np.errstate(over="ignore"):

@@ -154,7 +154,7 @@ def trace(
             ) from exc
         name = type(model).__name__
         gm = _graph_module(root, graph, name)
-        gm.train(model.training)
+        gm.training = model.training  # submodules are copies: each keeps its own mode
         gm.meta["fxslim_source"] = fingerprint(model, gm)
         gm.meta["fxslim_inputs"] = [_input_spec(t) for t in inputs]
     propagate_shapes(gm, inputs)
@@ -167,18 +167,27 @@ def _input_spec(t: Any) -> dict[str, Any]:
     return {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
 
 
+_CONSTANT = re.compile(r"^_tensor_constant\d+$")
+
+
 def fingerprint(model: nn.Module, gm: fx.GraphModule) -> str:
     """sha256 of a model's architecture: module types, parameter/buffer shapes, graph ops."""
-    h = hashlib.sha256()
-    for name, mod in model.named_modules():
-        h.update(f"m:{name}:{type(mod).__qualname__};".encode())
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        h.update(f"t:{name}:{tuple(t.shape)}:{t.dtype};".encode())
+    parts, params, buffers, seen = [], [], [], set()
+    for name, mod in model.named_modules():  # one walk; the order named_parameters/buffers use
+        parts.append(f"m:{name}:{type(mod).__qualname__};")
+        prefix = f"{name}." if name else ""
+        for table, out in ((mod._parameters, params), (mod._buffers, buffers)):
+            for k, t in table.items():
+                if t is not None and (id(t), out is params) not in seen:
+                    seen.add((id(t), out is params))
+                    out.append(f"t:{prefix}{k}:{tuple(t.shape)}:{t.dtype};")
+    parts += params + buffers
     for n in gm.graph.nodes:
         target = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
-        target = re.sub(r"^_tensor_constant\d+$", "_tensor_constant", target)
-        h.update(f"n:{n.op}:{target};".encode())
-    return h.hexdigest()
+        if target.startswith("_tensor_constant"):
+            target = _CONSTANT.sub("_tensor_constant", target)
+        parts.append(f"n:{n.op}:{target};")
+    return hashlib.sha256("".join(parts).encode()).hexdigest()
 
 
 def copy_structure(model: nn.Module) -> nn.Module:

@@ -369,11 +369,11 @@ def prune(
         return prune_to_latency(gm, cg, example_inputs, target_latency, policy, crit, **(latency_options or {}))
     if target_macs is None and target_params is None and not dry_run:  # no pricing needed
         plan = make_plan(cg, allocate(cg, score_groups(gm, cg, crit, policy.ignore), policy))
-        return apply_plan(gm, cg, plan, example_inputs)
+        return apply_plan(gm, cg, plan, example_inputs, inplace=True)  # gm is this call's own
     report = plan_prune(gm, cg, example_inputs, policy, crit, target_macs=target_macs, target_params=target_params)
     if dry_run:
         return report
-    return apply_plan(gm, cg, report.plan, example_inputs)
+    return apply_plan(gm, cg, report.plan, example_inputs, inplace=True)
 
 
 def prune_to_macs(
@@ -389,4 +389,4 @@ def prune_to_macs(
     cg = analyze(gm)
     report = plan_prune(gm, cg, example_inputs, Policy(round_to=round_to, ignore=list(ignore)), l1_importance,
                         target_macs=target)
-    return apply_plan(gm, cg, report.plan, example_inputs), report.ratio
+    return apply_plan(gm, cg, report.plan, example_inputs, inplace=True), report.ratio

@@ -152,14 +152,38 @@ def _get_tensor(gm: nn.Module, target: str) -> torch.Tensor:
 
 
 @gc_paused
-def apply_plan(gm: fx.GraphModule, cg: CouplingGraph, plan: PrunePlan, example_inputs: Any) -> fx.GraphModule:
-    """Apply `plan` to a copy of `gm` (the analysed module) and return the copy."""
-    new = copy_structure(gm)  # tensors shared until sliced or cloned below
+def apply_plan(gm: fx.GraphModule, cg: CouplingGraph, plan: PrunePlan, example_inputs: Any, *,
+               inplace: bool = False) -> fx.GraphModule:
+    """Apply `plan` to a copy of `gm` (the analysed module) and return the copy.
+
+    With `inplace`, `gm` itself is rewritten (for callers that own it, e.g. a module
+    `fxslim.trace` made for this prune alone); `cg` describes the old graph afterwards.
+    Either way the result owns its tensors: it shares none with `gm`'s original ones.
+    """
+    new = gm if inplace else copy_structure(gm)  # tensors shared until sliced or cloned below
     modules = dict(new.named_modules())
     by_target: dict[str, list[tuple[int, np.ndarray]]] = defaultdict(list)
     for (target, dim), kept in plan.keep.items():
         by_target[target].append((dim, kept))
+    history = list(gm.meta.get("fxslim_history", [])) + [plan_record(cg, plan)]
+    keep = _compose_keep(gm.meta.get("fxslim_keep", {}), plan.keep)
     with torch.no_grad():
+        # whatever is not sliced below is still the analysed module's tensor: own a copy
+        # (one copy per tensor, so weights tied across modules stay tied)
+        copies: dict[int, torch.Tensor] = {}
+        for path, owner in modules.items():
+            prefix = f"{path}." if path else ""
+            for table in (owner._parameters, owner._buffers):
+                for name, t in table.items():
+                    if t is None or prefix + name in by_target:
+                        continue
+                    clone = copies.get(id(t))
+                    if clone is None:
+                        clone = t.detach().clone()
+                        if isinstance(t, nn.Parameter):
+                            clone = nn.Parameter(clone, requires_grad=t.requires_grad)
+                        copies[id(t)] = clone
+                    table[name] = clone
         for target, cuts in by_target.items():
             owner, name = _owner(modules, target)
             old = getattr(owner, name)
@@ -170,33 +194,14 @@ def apply_plan(gm: fx.GraphModule, cg: CouplingGraph, plan: PrunePlan, example_i
                 owner._parameters[name] = nn.Parameter(t.contiguous(), requires_grad=old.requires_grad)
             else:
                 owner._buffers[name] = t.contiguous()
-        # whatever was not sliced is still the analysed module's tensor: own a copy
-        # (one copy per tensor, so weights tied across modules stay tied)
-        old_modules = dict(gm.named_modules())
-        copies: dict[int, torch.Tensor] = {}
-        for path, owner in modules.items():
-            before = old_modules.get(path)
-            if before is None:
-                continue
-            for table, old_table in ((owner._parameters, before._parameters), (owner._buffers, before._buffers)):
-                for name, t in table.items():
-                    if t is None or t is not old_table.get(name):
-                        continue
-                    clone = copies.get(id(t))
-                    if clone is None:
-                        clone = t.detach().clone()
-                        if isinstance(t, nn.Parameter):
-                            clone = nn.Parameter(clone, requires_grad=t.requires_grad)
-                        copies[id(t)] = clone
-                    table[name] = clone
     for path in sorted({t.rpartition(".")[0] for t in by_target}):
         mod = modules.get(path)
         sync = R.sync_of(mod) if mod is not None else None
         if sync is not None:
             sync(mod)
     _fix_literals(new, gm, cg, plan, modules)
-    new.meta["fxslim_history"] = list(gm.meta.get("fxslim_history", [])) + [plan_record(cg, plan)]
-    new.meta["fxslim_keep"] = _compose_keep(gm.meta.get("fxslim_keep", {}), plan.keep)
+    new.meta["fxslim_history"] = history
+    new.meta["fxslim_keep"] = keep
     compile_now(new)
     try:  # also the check that every rewritten size agrees: each node runs on meta tensors
         propagate_shapes(new, as_input_tuple(example_inputs))

@@ -184,7 +184,7 @@ def load(directory: str | os.PathLike, model: nn.Module) -> fx.GraphModule:
                 raise SaveLoadError(f"step {i}: no group of size {entry['size']} rooted at {entry['root']}")
             kept = set(entry["kept"])
             removal[grp.id] = [u for u in range(grp.size) if u not in kept]
-        gm = apply_plan(gm, cg, make_plan(cg, removal), inputs)
+        gm = apply_plan(gm, cg, make_plan(cg, removal), inputs, inplace=True)
 
     want = {k: tuple(v.shape) for k, v in gm.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in tensors.items()}

@@ -125,6 +125,36 @@ def test_criterion_sees_coupled_members():
     assert torch.equal(small.a.weight, model.a.weight[[1, 2, 3]])
 
 
+def test_magnitudes_small_and_blocked_paths_agree(monkeypatch):
+    torch.manual_seed(0)
+    for shape in [(7,), (6, 5), (8, 3, 3, 3), (4, 2, 5)]:
+        t = torch.randn(shape)
+        for p in (1, 2):
+            want = {0: t.abs().pow(p).reshape(shape[0], -1).sum(1)}
+            if t.dim() > 1:
+                want[1] = t.abs().pow(p).transpose(0, 1).reshape(shape[1], -1).sum(1)
+            ws = I.MagnitudeImportance(p)._workspace
+            small = I._magnitudes(t, p, ws)
+            monkeypatch.setattr(I, "_SMALL", 0)  # force the chunked torch path
+            big = I._magnitudes(t, p, ws)
+            monkeypatch.undo()
+            for d, w in want.items():
+                np.testing.assert_allclose(small[d], w.double().numpy(), rtol=1e-5)
+                np.testing.assert_allclose(big[d], w.double().numpy(), rtol=1e-5)
+
+
+def test_prune_leaves_model_alone_and_shares_no_tensor():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    small = fxslim.prune(model, torch.randn(1, 3, 32, 32), 0.5, ignore=["fc"])
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    theirs = {t.untyped_storage().data_ptr() for t in after.values()}
+    assert not any(t.untyped_storage().data_ptr() in theirs for t in small.state_dict().values())
+    assert small.fc.weight.shape == (1000, 256) and model.fc.weight.shape == (1000, 512)
+
+
 @pytest.fixture(scope="module")
 def r18():
     torch.manual_seed(0)
