@@ -343,6 +343,7 @@ class CouplingGraph:
         _, rep, sig_index = np.unique(sig_hash, return_index=True, return_inverse=True)
         ends = np.append(start[1:], len(pc))
         ordinal = np.full(total, -1, dtype=np.int64)
+        in_sig = np.zeros(total, dtype=bool)  # scratch: units of the signature at hand
 
         for k, r in enumerate(rep.tolist()):
             sig = tuple(relevant_list[i] for i in pc[start[r]: ends[r]].tolist())
@@ -355,7 +356,9 @@ class CouplingGraph:
             # order units by their first element in the first member class
             anchor = next(c for c in sig if c in members)
             lab = labels[offset[anchor]: offset[anchor] + cg.class_size[anchor]]
-            lab = lab[np.isin(lab, sig_units)]
+            in_sig[sig_units] = True
+            lab = lab[in_sig[lab]]
+            in_sig[sig_units] = False
             _, first = np.unique(lab, return_index=True)
             order = lab[np.sort(first)]
             ordinal[order] = np.arange(len(order))

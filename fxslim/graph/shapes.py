@@ -286,7 +286,29 @@ def _fast_shape(target: str, mod: nn.Module, x: torch.Tensor) -> tuple[int, ...]
             for i in range(nsp)
         ]
         return (x.shape[0], w.shape[0], *sp)
+    if isinstance(mod, _POOLS) and not mod.ceil_mode and not getattr(mod, "return_indices", False):
+        nsp = int(type(mod).__name__[-2])
+        if x.dim() != nsp + 2:
+            return None
+        def tup(v: Any) -> tuple[int, ...]:
+            return tuple(v) if isinstance(v, (tuple, list)) else (v,) * nsp
+        k, st, p = tup(mod.kernel_size), tup(mod.stride or mod.kernel_size), tup(mod.padding)
+        d = tup(getattr(mod, "dilation", 1))
+        sp = [(x.shape[2 + i] + 2 * p[i] - d[i] * (k[i] - 1) - 1) // st[i] + 1 for i in range(nsp)]
+        return (*x.shape[:2], *sp)
+    if isinstance(mod, _ADAPTIVE) and not getattr(mod, "return_indices", False):
+        nsp = int(type(mod).__name__[-2])
+        if x.dim() not in (nsp + 1, nsp + 2):
+            return None
+        size = mod.output_size if isinstance(mod.output_size, (tuple, list)) else (mod.output_size,) * nsp
+        lead = x.dim() - nsp
+        return (*x.shape[:lead], *(x.shape[lead + i] if s is None else s for i, s in enumerate(size)))
     return None
+
+
+_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+_ADAPTIVE = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+             nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
 
 
 def _expect(target: str, ok: bool, want: Any, x: torch.Tensor) -> None:

@@ -361,19 +361,27 @@ def prune(
     policy = Policy(ratio=ratio if ratio is not None else 0.5, global_ranking=global_ranking, threshold=threshold,
                     max_ratio=max_ratio, overrides=dict(overrides or {}), round_to=round_to, ignore=paths)
     policy.check()
+    if target_latency is None and target_macs is None and target_params is None and not dry_run:
+        return _prune_once(model, example_inputs, policy, crit, trace_kwargs)  # no pricing needed
     gm = trace(model, example_inputs, share_weights=True, **trace_kwargs)
     cg = analyze(gm)
     if target_latency is not None:
         from fxslim.passes.latency import prune_to_latency
 
         return prune_to_latency(gm, cg, example_inputs, target_latency, policy, crit, **(latency_options or {}))
-    if target_macs is None and target_params is None and not dry_run:  # no pricing needed
-        plan = make_plan(cg, allocate(cg, score_groups(gm, cg, crit, policy.ignore), policy))
-        return apply_plan(gm, cg, plan, example_inputs, inplace=True)  # gm is this call's own
     report = plan_prune(gm, cg, example_inputs, policy, crit, target_macs=target_macs, target_params=target_params)
     if dry_run:
         return report
     return apply_plan(gm, cg, report.plan, example_inputs, inplace=True)
+
+
+@gc_paused  # one collector pause over the four passes: survivors are scanned once, not per pass
+def _prune_once(model: nn.Module, example_inputs: Any, policy: Policy, crit: Callable,
+                trace_kwargs: Mapping[str, Any]) -> fx.GraphModule:
+    gm = trace(model, example_inputs, share_weights=True, **trace_kwargs)
+    cg = analyze(gm)
+    plan = make_plan(cg, allocate(cg, score_groups(gm, cg, crit, policy.ignore), policy))
+    return apply_plan(gm, cg, plan, example_inputs, inplace=True)  # gm is this call's own
 
 
 def prune_to_macs(

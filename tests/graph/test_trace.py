@@ -97,3 +97,20 @@ def test_tracing_adds_nothing_to_the_users_model():
     gm = fxslim.trace(model, X)
     assert set(vars(model)) == before and not hasattr(model, "_tensor_constant0")
     assert hasattr(gm, "_tensor_constant0")
+
+
+@pytest.mark.parametrize("mod", [
+    nn.MaxPool2d(3, 2, 1), nn.MaxPool2d(2), nn.MaxPool2d((3, 2), (2, 1), (1, 0), dilation=(2, 1)),
+    nn.AvgPool2d(3, 2, 1), nn.MaxPool1d(3, 2), nn.AvgPool3d(2, 1), nn.AvgPool1d(3, 2, 1),
+    nn.AdaptiveAvgPool2d(1), nn.AdaptiveAvgPool2d((None, 3)), nn.AdaptiveMaxPool1d(4), nn.AdaptiveAvgPool3d((2, None, 1)),
+], ids=repr)
+def test_pool_shape_formulas_match_real_runs(mod):
+    from fxslim.graph.shapes import _fast_shape
+
+    nsp = int(type(mod).__name__[-2])
+    shapes = [(2, 3, *([s] * nsp)) for s in (7, 8, 13)]
+    if "Adaptive" in type(mod).__name__:
+        shapes.append((3, *([9] * nsp)))  # unbatched
+    for shape in shapes:
+        x = torch.randn(shape)
+        assert _fast_shape("pool", mod, x) == tuple(mod(x).shape)
