@@ -4,9 +4,12 @@ Each teacher is trained to convergence, then pruned to 0.5x and 0.25x of its MAC
 (uniform L1, exact MACs target); then, for the same epochs: no recovery, fine-tune with
 labels only, logit KD, logit + channel-aligned feature KD, and logit KD into a
 from-scratch thin student of the same MACs. Test accuracy, mean and standard deviation
-over 10 seeds (best validation epoch restored), and the difference to label-only.
+over 10 seeds (best validation epoch restored), and the difference to label-only fine-tuning
+(mean of the per-seed differences ± its standard error). Recovery runs on the teacher's
+whole training set, and on a quarter / a tenth of it (the original data at hand only in
+part, the common case).
 
-    python -m bench.distill_table [digits] [MNIST-1D] ['MNIST-1D, 10% data']   # ~25 minutes
+    python -m bench.distill_table [digits] ['digits, 25% data'] [MNIST-1D] ['MNIST-1D, 25% data'] ...  # ~35 minutes
 """
 
 from __future__ import annotations
@@ -31,12 +34,21 @@ from fxslim.runtime.examples import (
 SEEDS = tuple(range(10))  # differences are a few tenths of a point: 3 seeds cannot tell them
 
 
+def _digits_net() -> torch.nn.Module:
+    return DigitsResNet(width=64)
+
+
 def datasets():
-    tr, va, te = digits_splits(seed=0)
     # (name, teacher factory, teacher's training data, recovery data, val, test, example, feature
     #  layers, teacher epochs, recovery epochs)
     # 30 teacher epochs: an 8-epoch teacher (98.9%) was beaten by its own pruned students
-    yield "digits", lambda: DigitsResNet(width=64), tr, tr, va, te, torch.randn(1, 1, 8, 8), ["block2.0", "block4.0"], 30, 6
+    tr, va, te = digits_splits(seed=0)
+    x, feats = torch.randn(1, 1, 8, 8), ["block2.0", "block4.0"]
+    yield "digits", _digits_net, tr, tr, va, te, x, feats, 30, 6
+    tr, va, te = digits_splits(seed=0)  # fresh shuffles: the same teacher
+    few = DataLoader(Subset(tr.dataset, range(len(tr.dataset) // 4)), batch_size=64, shuffle=True,
+                     generator=torch.Generator().manual_seed(0))
+    yield "digits, 25% data", _digits_net, tr, few, va, te, x, feats, 30, 6
     tr, te = mnist1d_loaders(seed=0)
     n = len(tr.dataset)
     val = DataLoader(Subset(tr.dataset, range(n - 500, n)), batch_size=512)
@@ -46,13 +58,15 @@ def datasets():
     # fine-tuned longer with labels (97.3%), i.e. it was not converged
     feats = ["features.3", "features.9"]
     yield "MNIST-1D", lambda: MNIST1DCNN(width=64), train, train, val, te, torch.randn(1, 1, 40), feats, 40, 15
-    # the same teacher, recovered on 350 signals (10% of its training data): scarce
-    # recovery data, the common case when the original training set is not at hand
-    few = DataLoader(Subset(tr.dataset, range(350)), batch_size=64, shuffle=True,
-                     generator=torch.Generator().manual_seed(0))
-    train = DataLoader(Subset(tr.dataset, range(n - 500)), batch_size=128, shuffle=True,
-                       generator=torch.Generator().manual_seed(0))  # fresh shuffles: the same teacher
-    yield "MNIST-1D, 10% data", lambda: MNIST1DCNN(width=64), train, few, val, te, torch.randn(1, 1, 40), feats, 40, 15
+    # the same teacher, recovered on a quarter / a tenth of its training data (875 / 350
+    # signals): scarce recovery data, the common case when the original training set is
+    # not at hand
+    for pct in (25, 10):
+        few = DataLoader(Subset(tr.dataset, range((n - 500) * pct // 100)), batch_size=64, shuffle=True,
+                         generator=torch.Generator().manual_seed(0))
+        train = DataLoader(Subset(tr.dataset, range(n - 500)), batch_size=128, shuffle=True,
+                           generator=torch.Generator().manual_seed(0))  # fresh shuffles: the same teacher
+        yield f"MNIST-1D, {pct}% data", lambda: MNIST1DCNN(width=64), train, few, val, te, torch.randn(1, 1, 40), feats, 40, 15
 
 
 def run(name, make, train, recover, val, test, x, feats, t_epochs, epochs) -> list[str]:
@@ -66,11 +80,11 @@ def run(name, make, train, recover, val, test, x, feats, t_epochs, epochs) -> li
         for seed in SEEDS:
             small = fxslim.prune(teacher, x, target_macs=budget, ignore=[head])
             res.setdefault("no recovery", []).append(accuracy(small, test))
-            kw = dict(epochs=epochs, lr=2e-3, progress=False, seed=seed)
+            kw = {"epochs": epochs, "lr": 2e-3, "progress": False, "seed": seed}
             runs = {
-                "fine-tune (labels only)": dict(alpha=0.0),
-                "logit KD": dict(alpha=0.9, temperature=4.0),
-                "logit + feature KD": dict(alpha=0.9, temperature=4.0, features=feats, feature_weight=1.0),
+                "fine-tune (labels only)": {"alpha": 0.0},
+                "logit KD": {"alpha": 0.9, "temperature": 4.0},
+                "logit + feature KD": {"alpha": 0.9, "temperature": 4.0, "features": feats, "feature_weight": 1.0},
             }
             for label, extra in runs.items():
                 student = fxslim.prune(teacher, x, target_macs=budget, ignore=[head])
@@ -81,20 +95,26 @@ def run(name, make, train, recover, val, test, x, feats, t_epochs, epochs) -> li
             out = distill(thin, teacher, recover, val, **kw, alpha=0.9, temperature=4.0).student
             res.setdefault("KD into thin student (scratch)", []).append(accuracy(out, test))
         macs = fxslim.count_macs(fxslim.prune(teacher, x, target_macs=budget, ignore=[head]), x) / fxslim.count_macs(teacher, x)
-        base = statistics.mean(res["fine-tune (labels only)"]) * 100
+        base = res["fine-tune (labels only)"]
         for label, accs in res.items():
             mean = statistics.mean(accs) * 100
             sd = statistics.stdev(accs) * 100
-            vs = "-" if label in ("no recovery", "fine-tune (labels only)") else f"{mean - base:+.2f}"
+            vs = "-" if label in ("no recovery", "fine-tune (labels only)") else _paired(accs, base)
             rows.append(f"| {name} | {label} | {epochs} | {macs:.2f} | {mean:.2f} ± {sd:.2f} | "
                         f"{mean - t_acc * 100:+.2f} | {vs} |")
             print(rows[-1], file=sys.stderr, flush=True)
     return rows
 
 
+def _paired(accs: list[float], base: list[float]) -> str:
+    """Mean per-seed difference to label-only (same seed, same pruned start) ± its standard error."""
+    diff = [(a - b) * 100 for a, b in zip(accs, base)]
+    return f"{statistics.mean(diff):+.2f} ± {statistics.stdev(diff) / len(diff) ** 0.5:.2f}"
+
+
 def table(names: tuple[str, ...] = ()) -> str:
     torch.set_num_threads(2)
-    rows = [f"| data | method | epochs | MACs kept | test accuracy % ({len(SEEDS)} seeds) | vs teacher | vs label-only |",
+    rows = [f"| data | method | epochs | MACs kept | test accuracy % ({len(SEEDS)} seeds) | vs teacher | vs label-only (± s.e.) |",
             "|---|---|---|---|---|---|---|"]
     for args in datasets():
         if not names or args[0] in names:

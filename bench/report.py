@@ -92,8 +92,9 @@ medians.
 ## Accuracy recovery: distillation
 
 `python -m bench.distill_table`: teachers trained to convergence, pruned to 0.5x / 0.25x
-MACs, then recovered for the same epochs; test accuracy, mean ± standard deviation over
-10 seeds, and the difference to label-only fine-tuning.
+MACs, then recovered for the same epochs on the teacher's whole training set or on a
+quarter / a tenth of it; test accuracy, mean ± standard deviation over 10 seeds, and the
+mean per-seed difference to label-only fine-tuning ± its standard error.
 
 {dt}
 
