@@ -1,6 +1,6 @@
 """Regenerate bench/README.md: machine, versions, date, and every table.
 
-    python -m bench.report            # ~25 minutes on 2 cores; run on a quiet machine
+    python -m bench.report            # ~30 minutes on 2 cores; run on a quiet machine
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def main() -> None:
     dt = distill_table.table()
     OUT.write_text(f"""# fxslim benchmarks
 
-Regenerate everything here with `python -m bench.report` (a quiet machine, ~25 minutes on
+Regenerate everything here with `python -m bench.report` (a quiet machine, ~30 minutes on
 2 cores). Machine: {machine()}.
 
 The pytest-benchmark suite (`python -m pytest bench`) times the same passes and
