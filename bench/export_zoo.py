@@ -36,7 +36,7 @@ def main(names: list[str]) -> None:
                 rows.append(f"| {name} | {label} | {r.exporter} | {r.opset} | {r.nodes_before} -> {r.nodes_after} | "
                             f"{r.max_diff:.1e} | {r.file_bytes / 1e6:.1f} |")
                 print(rows[-1], f"({time.perf_counter() - t0:.0f} s)", flush=True)
-        except Exception as exc:  # record and go on: this is a survey
+        except Exception as exc:  # noqa: BLE001 - record and go on: this is a survey
             failures += 1
             rows.append(f"| {name} | - | FAILED: {type(exc).__name__}: {str(exc)[:120]} | | | | |")
             print(rows[-1], flush=True)

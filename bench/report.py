@@ -30,7 +30,7 @@ def machine() -> str:
     for mod in ("torchvision", "onnxruntime", "onnx", "onnxsim", "torch_pruning"):
         try:
             versions.append(f"{mod} {__import__(mod).__version__}")
-        except Exception:
+        except ImportError:
             versions.append(f"{mod} (not installed)")
     return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}; " + ", ".join(versions)
             + f"; {datetime.date.today().isoformat()}")

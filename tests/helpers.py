@@ -17,7 +17,7 @@ def random_removal(cg, rng, share=0.3, stat_ok=False):
     for grp in cg.groups:
         if not grp.prunable or (grp.stat and not stat_ok):
             continue
-        n = max(1, min(grp.size - 1, int(round(share * grp.size))))
+        n = max(1, min(grp.size - 1, round(share * grp.size)))
         removal[grp.id] = sorted(rng.choice(grp.size, size=n, replace=False).tolist())
     return removal
 

@@ -325,7 +325,7 @@ def _propagate(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
         return
     except TraceError as exc:  # a channel count disagrees: no other run would do better
         raise TraceError(f"the traced model does not run on the example inputs: {exc}") from exc
-    except Exception as exc:  # an op without a meta kernel: fake tensors next
+    except Exception as exc:  # noqa: BLE001 - an op without a meta kernel: fake tensors next
         logger.info("meta shape propagation failed (%s); trying fake tensors", exc)
     try:
         from torch._subclasses.fake_tensor import FakeTensorMode
@@ -336,7 +336,7 @@ def _propagate(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
             with torch.no_grad():
                 _MetaProp(gm).run(*fake_inputs)
         return
-    except Exception as exc:  # fake kernels are missing for some ops: fall back to a real run
+    except Exception as exc:  # noqa: BLE001 - fake kernels are missing for some ops: a real run next
         logger.info("fake shape propagation failed (%s); running one real forward", exc)
     try:
         with torch.no_grad():

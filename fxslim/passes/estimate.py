@@ -83,9 +83,9 @@ class CostModel:
 
     def params(self, keep: Mapping[tuple[str, int], np.ndarray]) -> int:
         """Parameter count after a plan's `keep` map (exact)."""
-        return int(round(sum(
+        return round(sum(
             int(np.prod(s)) * self._kept_fraction(keep, t) for t, s in self.param_shapes.items()
-        )))
+        ))
 
     def macs(self, keep: Mapping[tuple[str, int], np.ndarray], class_removed: Mapping[int, np.ndarray]) -> float:
         """MACs after a plan (see the module docstring for the scaling rules)."""

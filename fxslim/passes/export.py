@@ -105,7 +105,7 @@ def _export(model: nn.Module, inputs: tuple, path: str, dynamic_batch: bool, ops
                 opset_version=opset, input_names=names, verbose=False,
             )
             return "dynamo"
-        except Exception as exc:  # the dynamo exporter does not take every model
+        except Exception as exc:  # noqa: BLE001 - the dynamo exporter does not take every model
             errors.append(f"dynamo: {type(exc).__name__}: {str(exc)[:300]}")
             logger.info("dynamo export failed, trying TorchScript: %s", exc)
         try:
@@ -115,7 +115,7 @@ def _export(model: nn.Module, inputs: tuple, path: str, dynamic_batch: bool, ops
                 dynamic_axes=axes,
             )
             return "torchscript"
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - both errors go into the ExportError
             errors.append(f"torchscript: {type(exc).__name__}: {str(exc)[:300]}")
     raise ExportError("torch.onnx.export failed with both exporters:\n  " + "\n  ".join(errors))
 
@@ -177,7 +177,7 @@ def export_onnx(
                 if ok:
                     proto, simplified = simp, True
                     onnx.save(proto, tmp)
-            except Exception as exc:  # onnxsim is an optimisation: keep the exported graph
+            except Exception as exc:  # noqa: BLE001 - onnxsim is an optimisation: keep the exported graph
                 logger.warning("onnxsim failed, keeping the unsimplified graph: %s", exc)
         try:
             onnx.checker.check_model(tmp, full_check=True)

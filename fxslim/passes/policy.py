@@ -104,7 +104,7 @@ def _round(size: int, n: int, round_to: int, cap: int) -> int:
     """Units to remove so that the kept count is a multiple of `round_to` (nearest)."""
     n = min(n, cap)
     if round_to > 1 and size > round_to and n > 0:
-        keep = max(round_to, int(round((size - n) / round_to)) * round_to)
+        keep = max(round_to, round((size - n) / round_to) * round_to)
         n = size - min(keep, size)
         while n > cap:
             n -= round_to
