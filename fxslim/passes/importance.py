@@ -165,7 +165,7 @@ class MagnitudeImportance(Importance):
 
 
 _CHUNK = 1 << 18  # elements of |t|^p materialised at a time (1 MiB: stays in cache)
-_SMALL = 1 << 14  # up to this many elements, magnitudes are reduced in numpy
+_NUMPY_REDUCE_MAX = 1 << 14  # up to this many elements, magnitudes are reduced in numpy
 
 
 def _powered(t: torch.Tensor, p: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -183,7 +183,7 @@ def _magnitudes(t: torch.Tensor, p: int, workspace: Callable[[torch.Tensor], tor
     by a matrix-vector product (torch's strided reductions, e.g. vector_norm over dims
     0/2/3 of a conv weight, are up to 10x slower).
     """
-    if t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() <= _SMALL:
+    if t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() <= _NUMPY_REDUCE_MAX:
         # small tensors (norm scales, depthwise and 1x1 convs): numpy's per-call cost is
         # a fifth of torch's, and most of a thin network's tensors are this small
         a = np.abs(t.numpy()) if p == 1 else np.power(t.numpy(), p)

@@ -206,14 +206,15 @@ def apply_plan(gm: fx.GraphModule, cg: CouplingGraph, plan: PrunePlan, example_i
     return new
 
 
-_SMALL = 1 << 16  # up to this many elements, slicing goes through numpy (a fifth of torch's per-call cost)
+_NUMPY_SLICE_MAX = 1 << 16  # up to this many elements, slicing goes through numpy (a fifth of torch's per-call cost)
+_NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.bool, torch.uint8)
 
 
 def _slice(t: torch.Tensor, cuts: list[tuple[int, np.ndarray]]) -> torch.Tensor:
     """`t` keeping `kept` along each cut dim. Rows and columns of a conv kernel are
     gathered in one pass (kernel blocks by flat index): no half-size intermediate."""
     dims = sorted(d for d, _ in cuts)
-    if dims == [0, 1] and t.dim() > 2 and t[0, 0].numel() > 1 and t.numel() > _SMALL:
+    if dims == [0, 1] and t.dim() > 2 and t[0, 0].numel() > 1 and t.numel() > _NUMPY_SLICE_MAX:
         k = dict(cuts)
         d1 = t.shape[1]
         flat = (torch.as_tensor(k[0])[:, None] * d1 + torch.as_tensor(k[1])[None, :]).reshape(-1)
@@ -226,12 +227,9 @@ def _slice(t: torch.Tensor, cuts: list[tuple[int, np.ndarray]]) -> torch.Tensor:
 
 def _take(t: torch.Tensor, dim: int, kept: np.ndarray) -> torch.Tensor:
     """`t.index_select(dim, kept)`, for small CPU tensors by numpy."""
-    if t.device.type == "cpu" and t.numel() <= _SMALL and t.dtype in _NUMPY_DTYPES:
+    if t.device.type == "cpu" and t.numel() <= _NUMPY_SLICE_MAX and t.dtype in _NUMPY_DTYPES:
         return torch.from_numpy(np.take(t.numpy(), kept, axis=dim))
     return t.index_select(dim, torch.as_tensor(kept, device=t.device))
-
-
-_NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.bool, torch.uint8)
 
 
 def _fix_literals(new: fx.GraphModule, old: fx.GraphModule, cg: CouplingGraph, plan: PrunePlan,
