@@ -97,6 +97,9 @@ class _Shaped:
                               torch.contiguous_format, False, {})
 
 
+_F = nn.functional
+_ADAPTIVE_FN = {_F.adaptive_avg_pool1d: 1, _F.adaptive_avg_pool2d: 2, _F.adaptive_avg_pool3d: 3,
+                _F.adaptive_max_pool1d: 1, _F.adaptive_max_pool2d: 2, _F.adaptive_max_pool3d: 3}
 _BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul}
 _UNARY = {
     torch.relu, nn.functional.relu, nn.functional.relu6, nn.functional.gelu, nn.functional.silu,
@@ -115,6 +118,10 @@ def _function_shape(fn: Any, args: tuple, kwargs: dict) -> _Shaped | None:
         return None
     if fn in _UNARY:
         return _Shaped(x.shape, x.dtype)
+    if fn in _ADAPTIVE_FN:
+        return _adaptive_fn_shape(fn, x, args, kwargs)
+    if fn is torch.flatten:
+        return _flatten_shape(x, args, kwargs)
     if fn in _BINARY and len(args) == 2 and not kwargs:
         y = args[1]
         if isinstance(y, (_Shaped, torch.Tensor)):
@@ -124,6 +131,41 @@ def _function_shape(fn: Any, args: tuple, kwargs: dict) -> _Shaped | None:
             return _Shaped(x.shape, x.dtype)
         return None
     return None
+
+
+def _adaptive_fn_shape(fn: Any, x: Any, args: tuple, kwargs: dict) -> _Shaped | None:
+    """F.adaptive_{avg,max}_pool{1,2,3}d(x, output_size) (max pools without indices)."""
+    nsp = _ADAPTIVE_FN[fn]
+    size = args[1] if len(args) == 2 else kwargs.get("output_size")
+    if len(args) > 2 or set(kwargs) - {"output_size", "return_indices"} or kwargs.get("return_indices"):
+        return None
+    if isinstance(size, int):
+        size = (size,) * nsp
+    if not isinstance(size, (tuple, list)) or len(size) != nsp or x.dim() not in (nsp + 1, nsp + 2):
+        return None
+    if not all(s is None or (type(s) is int and s > 0) for s in size):
+        return None
+    lead = x.dim() - nsp
+    return _Shaped((*x.shape[:lead], *(x.shape[lead + i] if s is None else s for i, s in enumerate(size))), x.dtype)
+
+
+def _flatten_shape(x: Any, args: tuple, kwargs: dict) -> _Shaped | None:
+    """torch.flatten(x, start_dim=0, end_dim=-1)."""
+    names = ("start_dim", "end_dim")
+    if len(args) > 3 or set(kwargs) - set(names[len(args) - 1:]):
+        return None
+    dims = dict(zip(names, args[1:])) | kwargs
+    rank = max(x.dim(), 1)
+    start, end = dims.get("start_dim", 0), dims.get("end_dim", -1)
+    if type(start) is not int or type(end) is not int or not (-rank <= start < rank and -rank <= end < rank):
+        return None
+    start, end = start % rank, end % rank
+    if x.dim() == 0 or start > end:
+        return None  # let torch decide (or raise)
+    n = 1
+    for s in x.shape[start:end + 1]:
+        n *= s
+    return _Shaped((*x.shape[:start], n, *x.shape[end + 1:]), x.dtype)
 
 
 def _cat_shape(args: tuple, kwargs: dict) -> _Shaped | None:

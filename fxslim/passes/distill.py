@@ -192,13 +192,19 @@ def _distributed_loader(loader: Any, seed: int) -> Any:
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, data: Iterable, device: torch.device | str = "cpu") -> dict[str, float]:
-    """Accuracy, macro precision, recall and F1 of a classifier on labelled data."""
+    """Accuracy, macro precision, recall and F1 of a classifier on labelled data, and its
+    mean cross-entropy ("loss")."""
     model.eval()
     preds, labels = [], []
-    for x, y in _batches(data, torch.device(device)):
-        preds.append(model(x).argmax(1).cpu())
-        labels.append(y.cpu())
-    return classification_metrics(torch.cat(preds), torch.cat(labels))
+    loss, n = 0.0, 0
+    with torch.no_grad():
+        for x, y in _batches(data, torch.device(device)):
+            out = model(x).float()
+            preds.append(out.argmax(1).cpu())
+            labels.append(y.cpu())
+            loss += float(F.cross_entropy(out, y, reduction="sum"))
+            n += len(y)
+    return classification_metrics(torch.cat(preds), torch.cat(labels)) | {"loss": loss / max(n, 1)}
 
 
 def distill(
@@ -296,7 +302,7 @@ def _train(student, teachers, train_data, val_data, dev, use_amp, epochs, lr, we
     scaler = torch.amp.GradScaler(dev.type, enabled=use_amp)
     rank0 = _rank() == 0
     result = DistillResult(student)
-    best_score, best_state = -math.inf, None
+    best_score, best_state = (-math.inf,), None
     step = 0
     for epoch in range(epochs):
         if sampler is not None:
@@ -345,7 +351,10 @@ def _train(student, teachers, train_data, val_data, dev, use_amp, epochs, lr, we
             metrics["train_acc"] = _mean_over_ranks(right / max(seen, 1))
         if val_data is not None:
             metrics |= {f"val_{k}": v for k, v in evaluate(student, val_data, dev).items()}
-        score = metrics.get("val_accuracy", -metrics["train_loss"])
+        # ties in accuracy (common near the ceiling: one image in a small validation set)
+        # go to the lower validation loss, not to the earliest, least-trained epoch
+        score = (metrics["val_accuracy"], -metrics["val_loss"]) if "val_accuracy" in metrics \
+            else (-metrics["train_loss"],)
         if score > best_score:
             best_score, best_state, result.best_epoch = score, copy.deepcopy(student.state_dict()), epoch
             if checkpoint_dir is not None and rank0:

@@ -114,3 +114,26 @@ def test_pool_shape_formulas_match_real_runs(mod):
     for shape in shapes:
         x = torch.randn(shape)
         assert _fast_shape("pool", mod, x) == tuple(mod(x).shape)
+
+
+_F = nn.functional
+
+
+@pytest.mark.parametrize("fn, args, kwargs", [
+    (_F.adaptive_avg_pool2d, ((1, 1),), {}), (_F.adaptive_avg_pool2d, (3,), {}),
+    (_F.adaptive_avg_pool2d, ((None, 2),), {}), (_F.adaptive_max_pool1d, (4,), {}),
+    (_F.adaptive_avg_pool3d, ((2, None, 1),), {}), (_F.adaptive_max_pool2d, (), {"output_size": 2}),
+    (torch.flatten, (), {}), (torch.flatten, (1,), {}), (torch.flatten, (1, 2), {}),
+    (torch.flatten, (), {"start_dim": -2}), (torch.flatten, (0,), {"end_dim": 1}),
+], ids=lambda v: getattr(v, "__name__", repr(v)))
+def test_function_shape_formulas_match_real_runs(fn, args, kwargs):
+    from fxslim.graph.shapes import _function_shape, _Shaped
+
+    nsp = {"1d": 1, "2d": 2, "3d": 3}.get(fn.__name__[-2:], 2)
+    shapes = [(2, 3, *([s] * nsp)) for s in (7, 8, 13)]
+    if "pool" in fn.__name__:
+        shapes.append((3, *([9] * nsp)))  # unbatched
+    for shape in shapes:
+        x = torch.randn(shape)
+        got = _function_shape(fn, (_Shaped(x.shape, x.dtype), *args), kwargs)
+        assert got is not None and got.shape == tuple(fn(x, *args, **kwargs).shape)
