@@ -127,3 +127,22 @@ def test_thin_copy_and_prune_and_distill(digits_teacher):
                                 prune_kwargs={"ignore": ["fc"]}, progress=False, lr=2e-3)
     assert abs(fxslim.count_macs(student, x) / base - 0.5) <= 0.01
     assert accuracy(student, val) >= 0.85
+
+
+def test_best_epoch_ties_in_accuracy_go_to_the_lower_validation_loss():
+    # two well-separated clusters: every epoch is 100% accurate, the loss keeps falling
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(64, 2) + 4, torch.randn(64, 2) - 4])
+    y = torch.cat([torch.zeros(64, dtype=torch.long), torch.ones(64, dtype=torch.long)])
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+    teacher, student = nn.Linear(2, 2), nn.Linear(2, 2)
+    with torch.no_grad():
+        teacher.weight.copy_(torch.tensor([[1.0, 1.0], [-1.0, -1.0]]))
+        student.weight.copy_(torch.tensor([[0.1, 0.1], [-0.1, -0.1]]))
+        teacher.bias.zero_()
+        student.bias.zero_()
+    res = distill(student, teacher, data, data, epochs=4, lr=0.05, alpha=0.0, progress=False)
+    accs = [h["val_accuracy"] for h in res.history]
+    losses = [h["val_loss"] for h in res.history]
+    assert accs == [1.0] * 4 and losses[-1] < losses[0]
+    assert res.best_epoch == min(range(4), key=losses.__getitem__) != 0
