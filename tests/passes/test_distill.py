@@ -146,3 +146,22 @@ def test_best_epoch_ties_in_accuracy_go_to_the_lower_validation_loss():
     losses = [h["val_loss"] for h in res.history]
     assert accs == [1.0] * 4 and losses[-1] < losses[0]
     assert res.best_epoch == min(range(4), key=losses.__getitem__) != 0
+
+
+def test_mixed_precision_path_trains_on_cpu(digits_teacher):
+    """The autocast + GradScaler path (the CUDA default) on CPU's bfloat16 autocast: the
+    loss, feature loss, unscale-then-clip and the scaler step run; the student stays float32."""
+    teacher, train, val = digits_teacher
+    x = torch.randn(1, 1, 8, 8)
+    small = fxslim.prune(teacher, x, 0.6, ignore=["fc"])
+    before = accuracy(small, val)
+    seen = set()
+    conv = next(m for m in small.modules() if isinstance(m, nn.Conv2d))
+    hook = conv.register_forward_hook(lambda m, i, o: seen.add(o.dtype) if m.training else None)
+    res = distill(small, teacher, train, val, epochs=2, lr=2e-3, features=["block1.0"], device="cpu", amp=True,
+                  progress=False, seed=0)
+    hook.remove()
+    assert seen == {torch.bfloat16}  # training ran under autocast
+    assert all(p.dtype == torch.float32 for p in res.student.parameters())
+    assert all(math.isfinite(h["train_loss"]) for h in res.history)
+    assert accuracy(res.student, val) >= max(before + 0.1, 0.8)
