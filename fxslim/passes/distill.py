@@ -197,13 +197,12 @@ def evaluate(model: nn.Module, data: Iterable, device: torch.device | str = "cpu
     model.eval()
     preds, labels = [], []
     loss, n = 0.0, 0
-    with torch.no_grad():
-        for x, y in _batches(data, torch.device(device)):
-            out = model(x).float()
-            preds.append(out.argmax(1).cpu())
-            labels.append(y.cpu())
-            loss += float(F.cross_entropy(out, y, reduction="sum"))
-            n += len(y)
+    for x, y in _batches(data, torch.device(device)):
+        out = model(x).float()
+        preds.append(out.argmax(1).cpu())
+        labels.append(y.cpu())
+        loss += float(F.cross_entropy(out, y, reduction="sum"))
+        n += len(y)
     return classification_metrics(torch.cat(preds), torch.cat(labels)) | {"loss": loss / max(n, 1)}
 
 

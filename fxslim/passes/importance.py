@@ -194,7 +194,10 @@ def _magnitudes(t: torch.Tensor, p: int, workspace: Callable[[torch.Tensor], tor
             return {0: (np.abs(a) if p == 1 else np.power(a, p)).reshape(-1).astype(np.float64)}
         d0, d1 = a.shape[:2]
         work = workspace(t)[: a.size].numpy().reshape(d0, -1)
-        np.abs(a.reshape(d0, -1), out=work) if p == 1 else np.power(a.reshape(d0, -1), p, out=work)
+        if p == 1:
+            np.abs(a.reshape(d0, -1), out=work)
+        else:
+            np.power(a.reshape(d0, -1), p, out=work)
         k = work.shape[1] // d1  # kernel elements per (row, column)
         cols = work.sum(0) if k == 1 else work.reshape(d0 * d1, k).sum(1).reshape(d0, d1).sum(0)
         return {0: work.sum(1).astype(np.float64), 1: cols.astype(np.float64)}
