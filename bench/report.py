@@ -110,6 +110,8 @@ mean per-seed difference to label-only fine-tuning ± its standard error.
 - ONNX export over the whole zoo: `bench/EXPORT_ZOO.md` (`python -m bench.export_zoo`).
 - Channel groups, pins and MACs at ratio 0.5 for every zoo model: `bench/ZOO.md`
   (`python -m bench.zoo_table`).
+- Digits at 0.25x MACs over five stratified splits, label-only vs logit KD:
+  `python -m bench.distill_splits` (~6 minutes; table in the distillation findings).
 """)
 
 
