@@ -10,9 +10,9 @@ from __future__ import annotations
 import statistics
 
 import torch
-from torch.utils.data import DataLoader
 
 import fxslim
+from bench.distill_table import _recovery
 from fxslim.passes.distill import distill
 from fxslim.runtime.examples import DigitsResNet, accuracy, digits_splits, fit
 
@@ -26,7 +26,7 @@ def main() -> None:
     teachers, diffs = [], []
     for split in SPLITS:
         train, val, test = digits_splits(seed=split)
-        recover = DataLoader(train.dataset, batch_size=64, shuffle=True)  # global RNG: distill(seed=) pairs batches
+        recover = _recovery(train.dataset, len(train.dataset), 64)  # batches paired by distill(seed=)
         torch.manual_seed(0)
         teacher = fit(DigitsResNet(width=64), train, epochs=30, seed=0)
         accs: dict[str, list[float]] = {"label": [], "kd": []}

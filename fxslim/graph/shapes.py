@@ -135,18 +135,11 @@ def _function_shape(fn: Any, args: tuple, kwargs: dict) -> _Shaped | None:
 
 def _adaptive_fn_shape(fn: Any, x: Any, args: tuple, kwargs: dict) -> _Shaped | None:
     """F.adaptive_{avg,max}_pool{1,2,3}d(x, output_size) (max pools without indices)."""
-    nsp = _ADAPTIVE_FN[fn]
-    size = args[1] if len(args) == 2 else kwargs.get("output_size")
     if len(args) > 2 or set(kwargs) - {"output_size", "return_indices"} or kwargs.get("return_indices"):
         return None
-    if isinstance(size, int):
-        size = (size,) * nsp
-    if not isinstance(size, (tuple, list)) or len(size) != nsp or x.dim() not in (nsp + 1, nsp + 2):
-        return None
-    if not all(s is None or (type(s) is int and s > 0) for s in size):
-        return None
-    lead = x.dim() - nsp
-    return _Shaped((*x.shape[:lead], *(x.shape[lead + i] if s is None else s for i, s in enumerate(size))), x.dtype)
+    size = args[1] if len(args) == 2 else kwargs.get("output_size")
+    shape = _adaptive_shape(tuple(x.shape), size, _ADAPTIVE_FN[fn])
+    return None if shape is None else _Shaped(shape, x.dtype)
 
 
 def _flatten_shape(x: Any, args: tuple, kwargs: dict) -> _Shaped | None:
@@ -339,13 +332,21 @@ def _fast_shape(target: str, mod: nn.Module, x: torch.Tensor) -> tuple[int, ...]
         sp = [(x.shape[2 + i] + 2 * p[i] - d[i] * (k[i] - 1) - 1) // st[i] + 1 for i in range(nsp)]
         return (*x.shape[:2], *sp)
     if isinstance(mod, _ADAPTIVE) and not getattr(mod, "return_indices", False):
-        nsp = int(type(mod).__name__[-2])
-        if x.dim() not in (nsp + 1, nsp + 2):
-            return None
-        size = mod.output_size if isinstance(mod.output_size, (tuple, list)) else (mod.output_size,) * nsp
-        lead = x.dim() - nsp
-        return (*x.shape[:lead], *(x.shape[lead + i] if s is None else s for i, s in enumerate(size)))
+        return _adaptive_shape(tuple(x.shape), mod.output_size, int(type(mod).__name__[-2]))
     return None
+
+
+def _adaptive_shape(shape: tuple[int, ...], size: Any, nsp: int) -> tuple[int, ...] | None:
+    """Output shape of an adaptive pool over `nsp` trailing dims (batched or not); None
+    entries of `size` keep the input's size."""
+    if isinstance(size, int):
+        size = (size,) * nsp
+    if not isinstance(size, (tuple, list)) or len(size) != nsp or len(shape) not in (nsp + 1, nsp + 2):
+        return None
+    if not all(s is None or (type(s) is int and s > 0) for s in size):
+        return None
+    lead = len(shape) - nsp
+    return (*shape[:lead], *(shape[lead + i] if s is None else s for i, s in enumerate(size)))
 
 
 _POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)

@@ -149,24 +149,27 @@ class MagnitudeImportance(Importance):
         key = ("mag", id(t), t._version)  # the cached entry holds t: its id stays unique
         hit = self._cache.get(key)
         if hit is None:
-            hit = self._cache[key] = (t, _magnitudes(t.detach(), self.p, self._workspace))
+            hit = self._cache[key] = (t, _magnitudes(t.detach(), self.p))
         sums = hit[1]
         if m.dim not in sums:
             a = _powered(t.detach(), self.p)
             sums[m.dim] = a.sum([d for d in range(a.dim()) if d != m.dim]).double().numpy()
         return sums[m.dim]
 
-    def _workspace(self, t: torch.Tensor) -> torch.Tensor:
-        """A float buffer for chunks of |t|^p, kept per thread across calls: a fresh large
-        allocation costs a page fault per 4 KiB on first touch, every prune."""
-        need = max(_CHUNK, t[0].numel() if t.dim() else 1)
-        work = getattr(_local, "work", None)
-        if work is None or work.numel() < need or work.device != t.device:
-            work = _local.work = torch.empty(need, device=t.device)
-        return work
-
 
 _local = threading.local()
+
+
+def _workspace(t: torch.Tensor) -> torch.Tensor:
+    """A float buffer for chunks of |t|^p, kept per thread across calls: a fresh large
+    allocation costs a page fault per 4 KiB on first touch, every prune."""
+    need = max(_CHUNK, t[0].numel() if t.dim() else 1)
+    work = getattr(_local, "work", None)
+    if work is None or work.numel() < need or work.device != t.device:
+        work = _local.work = torch.empty(need, device=t.device)
+    return work
+
+
 _CHUNK = 1 << 18  # elements of |t|^p materialised at a time (1 MiB: stays in cache)
 _NUMPY_REDUCE_MAX = 1 << 16  # up to this many elements, magnitudes are reduced in numpy (one thread)
 
@@ -178,10 +181,10 @@ def _powered(t: torch.Tensor, p: int, out: torch.Tensor | None = None) -> torch.
     return torch.abs(t, out=out) if p == 1 else torch.pow(t, p, out=out)
 
 
-def _magnitudes(t: torch.Tensor, p: int, workspace: Callable[[torch.Tensor], torch.Tensor]) -> dict[int, np.ndarray]:
+def _magnitudes(t: torch.Tensor, p: int) -> dict[int, np.ndarray]:
     """{dim: sum of |t|^p over the other dims} for dims 0 and 1, reading `t` once.
 
-    |t|^p is formed a block of rows at a time inside `workspace(t)` (cache-sized; whole-tensor
+    |t|^p is formed a block of rows at a time inside `_workspace(t)` (cache-sized; whole-tensor
     temporaries cost page faults) and reduced along rows and columns there, then to dim 1
     by a matrix-vector product (torch's strided reductions, e.g. vector_norm over dims
     0/2/3 of a conv weight, are up to 10x slower).
@@ -193,7 +196,7 @@ def _magnitudes(t: torch.Tensor, p: int, workspace: Callable[[torch.Tensor], tor
         if a.ndim <= 1:
             return {0: (np.abs(a) if p == 1 else np.power(a, p)).reshape(-1).astype(np.float64)}
         d0, d1 = a.shape[:2]
-        work = workspace(t)[: a.size].numpy().reshape(d0, -1)
+        work = _workspace(t)[: a.size].numpy().reshape(d0, -1)
         if p == 1:
             np.abs(a.reshape(d0, -1), out=work)
         else:
@@ -209,7 +212,7 @@ def _magnitudes(t: torch.Tensor, p: int, workspace: Callable[[torch.Tensor], tor
     rows = torch.empty(d0, device=t.device)
     cols = torch.zeros(n, device=t.device)
     step = max(1, _CHUNK // n)
-    work = workspace(t)
+    work = _workspace(t)
     for r in range(0, d0, step):
         part = flat[r:r + step]
         a = _powered(part, p, work[: part.numel()].view(part.shape))
