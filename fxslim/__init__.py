@@ -11,6 +11,7 @@ The first calls a user needs::
 """
 
 from fxslim.errors import (
+    ArgumentError,
     ExportError,
     FxslimError,
     PassContractError,
@@ -36,6 +37,7 @@ from fxslim.runtime.measure import count_macs, count_params, measure_latency
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArgumentError",
     "ChannelGroup",
     "CouplingGraph",
     "ExportError",

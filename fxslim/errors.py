@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "ArgumentError",
     "ExportError",
     "FxslimError",
     "PassContractError",
@@ -44,3 +45,9 @@ class ExportError(FxslimError):
 
 class SaveLoadError(FxslimError):
     """A saved model is corrupt, truncated, or does not match the architecture given."""
+
+
+class ArgumentError(FxslimError, ValueError, TypeError):
+    """An argument has the wrong type, an out-of-range value or names nothing in the model.
+
+    Raised before any work starts; also a ValueError/TypeError for generic handlers."""

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import functools
 import gc
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-__all__ = ["gc_paused", "sorted_unique"]
+__all__ = ["as_path", "check_output_file", "folders_made", "gc_paused", "sorted_unique"]
 
 
 @contextmanager
@@ -50,3 +52,38 @@ def sorted_unique(a: np.ndarray) -> np.ndarray:
     if a.size == 0:
         return a
     return a[np.concatenate(([True], a[1:] != a[:-1]))]
+
+
+def as_path(path: Any, error: type[Exception], what: str = "path") -> Path:
+    """`path` as a Path, or `error` naming what was passed instead."""
+    if not isinstance(path, (str, os.PathLike)) or str(path) == "":
+        raise error(f"{what} must be a non-empty str or os.PathLike, got {path!r}")
+    return Path(path)
+
+
+def check_output_file(path: Path, overwrite: bool, error: type[Exception]) -> None:
+    """Refuse to write a file over a directory, or over an existing file unless asked."""
+    if path.is_dir():
+        raise error(f"'{path}' is a directory; give a file path. Nothing was written")
+    if path.exists() and not overwrite:
+        raise error(f"'{path}' already exists; pass overwrite=True to replace it. Nothing was written")
+
+
+@contextmanager
+def folders_made(folder: Path) -> Iterator[None]:
+    """Create `folder` and its missing parents; if the body fails, remove the ones made
+    here again (only while empty: never anything someone else put there)."""
+    made = [f for f in reversed([folder, *folder.parents]) if not f.exists()]
+    ok = False
+    try:
+        for f in made:
+            f.mkdir()
+        yield
+        ok = True
+    finally:
+        if not ok:
+            for f in reversed(made):
+                try:
+                    f.rmdir()
+                except OSError:
+                    pass

@@ -30,6 +30,7 @@ def analyze(gm: fx.GraphModule) -> CouplingGraph:
     """
     b = Builder(gm)
     modules = dict(gm.named_modules())
+    opaque = gm.meta.get("fxslim_opaque", {})  # modules kept whole by the trace (hooks)
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             R.couple_placeholder(b, node)
@@ -48,9 +49,9 @@ def analyze(gm: fx.GraphModule) -> CouplingGraph:
             if key in R.SHAPE_QUERIES or not _tensor_args(b, node):
                 b.out[node] = None  # shape arithmetic, asserts: no channels involved
                 continue
-        if rule is None:
+        if rule is None or (mod is not None and node.target in opaque):
             logger.info("no rule for %s; pinning what it touches", node.format_node())
-            R.couple_unknown(b, node, mod)
+            R.couple_unknown(b, node, mod, opaque.get(node.target) if mod is not None else None)
             continue
         rule.couple(b, node, mod, node.target if mod is not None else None)
         _note_attrs_and_literals(b, node, rule)

@@ -119,6 +119,9 @@ def where(node: fx.Node, gm: fx.GraphModule | None = None) -> str:
         return f"{op} at '{node.target}'"
     if node.op == "call_function":
         op = getattr(node.target, "__name__", str(node.target))
+        owner = getattr(node.target, "autograd_function", None)
+        if owner is not None:  # a custom autograd Function's apply, kept whole by the trace
+            op = f"{owner.__name__}.{op}"
     elif node.op == "call_method":
         op = f".{node.target}()"
     else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import os
 import re
 import traceback
 from collections import OrderedDict
@@ -18,11 +19,21 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from fxslim.errors import TraceError
+import fxslim as fxslim_pkg
+from fxslim._args import check_module, module_paths
+from fxslim.errors import ArgumentError, TraceError
+from fxslim.graph._guards import (
+    copy_gradient_hooks,
+    hooked_modules,
+    recording_semantics,
+    restore_mutated_buffers,
+    snapshot_buffers,
+)
 from fxslim.graph.shapes import node_shapes, propagate_shapes
 from fxslim.utils import gc_paused
 
 __all__ = [
+    "TRACE_OPTIONS",
     "FxslimTracer",
     "as_input_tuple",
     "compile_now",
@@ -88,12 +99,16 @@ class FxslimTracer(fx.Tracer):
             self.path_stack.pop()
 
 
+# frames of these packages are not the user's code (told apart by package folder, not by
+# a substring of the path: the user's own code may well live under a folder named fxslim)
+_LIBRARY_DIRS = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (torch, fxslim_pkg))
+
+
 def _user_frame(exc: BaseException) -> str:
-    """The innermost traceback frame outside torch's own code, as 'file:line in func'."""
+    """The innermost traceback frame outside torch's and fxslim's code, as 'file:line in func'."""
     frames = traceback.extract_tb(exc.__traceback__)
     for fr in reversed(frames):
-        fn = fr.filename.replace("\\", "/")
-        if "/torch/" not in fn and "/fxslim/" not in fn:
+        if not os.path.abspath(fr.filename).startswith(_LIBRARY_DIRS):
             return f"{fr.filename}:{fr.lineno} in {fr.name}: {fr.line}"
     return "<unknown location>"
 
@@ -134,17 +149,40 @@ def trace(
     Example:
         >>> gm = fxslim.trace(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64))
     """
+    check_module("model", model)
     inputs = as_input_tuple(example_inputs)
+    leaf_paths = module_paths(model, leaf_paths, "leaf_paths")
+    leaf_modules = tuple(leaf_modules) if isinstance(leaf_modules, Iterable) else leaf_modules
+    if not isinstance(leaf_modules, tuple) or not all(isinstance(t, type) and issubclass(t, nn.Module)
+                                                      for t in leaf_modules):
+        raise ArgumentError(f"leaf_modules must be nn.Module subclasses (classes, not names), got {leaf_modules!r}")
+    if concrete_args is not None and not isinstance(concrete_args, dict):
+        raise ArgumentError(f"concrete_args must be a dict {{argument name: value}}, got {type(concrete_args).__name__}")
     if isinstance(model, fx.GraphModule):
-        gm = copy_structure(model) if share_weights else copy.deepcopy(model)
+        gm = copy_structure(model) if share_weights else _deepcopy(model)
     else:
         # torch.fx stores tensor constants (_tensor_constant0 ...) on the root it traces:
         # trace a copy so that the user's model stays exactly as it was
-        root = copy_structure(model) if share_weights else copy.deepcopy(model)
-        tracer = FxslimTracer(leaf_modules, leaf_paths, autowrap_functions)
+        root = copy_structure(model) if share_weights else _deepcopy(model)
+        opaque = hooked_modules(model)
+        tracer = FxslimTracer(leaf_modules, [*leaf_paths, *opaque], autowrap_functions)
+        snapshot = snapshot_buffers(root, tracer)
         try:
-            graph = tracer.trace(root, concrete_args=concrete_args)
+            with recording_semantics(tracer):
+                graph = tracer.trace(root, concrete_args=concrete_args)
+            moved = restore_mutated_buffers(snapshot)
+            if moved:  # forward updates buffers in place: trace again with buffers as nodes
+                logger.info("forward writes to buffers %s in place: recording buffer accesses", moved)
+                tracer = FxslimTracer(leaf_modules, [*leaf_paths, *opaque], autowrap_functions)
+                tracer.proxy_buffer_attributes = True
+                with recording_semantics(tracer):
+                    graph = tracer.trace(root, concrete_args=concrete_args)
+                if restore_mutated_buffers(snapshot):
+                    raise TraceError(f"forward writes to buffers {moved} in a way torch.fx cannot record")
+        except TraceError:
+            raise
         except Exception as exc:
+            restore_mutated_buffers(snapshot)
             where = tracer.failed_path or "<top level>"
             raise TraceError(
                 f"torch.fx cannot trace module '{where}' ({type(exc).__name__}: {exc}).\n"
@@ -155,10 +193,17 @@ def trace(
         name = type(model).__name__
         gm = _graph_module(root, graph, name)
         gm.training = model.training  # submodules are copies: each keeps its own mode
+        gm.meta["fxslim_opaque"] = opaque
         gm.meta["fxslim_source"] = fingerprint(model, gm)
         gm.meta["fxslim_inputs"] = [_input_spec(t) for t in inputs]
     propagate_shapes(gm, inputs)
     return gm
+
+
+def _deepcopy(model: nn.Module) -> nn.Module:
+    out = copy.deepcopy(model)
+    copy_gradient_hooks(model, out)
+    return out
 
 
 def _input_spec(t: Any) -> dict[str, Any]:
@@ -166,6 +211,9 @@ def _input_spec(t: Any) -> dict[str, Any]:
         raise TraceError(f"example inputs must be tensors, got {type(t).__name__}")
     return {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
 
+
+# keywords of `trace` that the other entry points pass through to it
+TRACE_OPTIONS = ("leaf_modules", "leaf_paths", "concrete_args", "autowrap_functions")
 
 _CONSTANT = re.compile(r"^_tensor_constant\d+$")
 

@@ -28,8 +28,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from fxslim.errors import ExportError
+from fxslim._args import check_module, number
+from fxslim.errors import ArgumentError, ExportError
 from fxslim.graph.trace import as_input_tuple
+from fxslim.utils import as_path, check_output_file, folders_made
 
 __all__ = ["ExportReport", "export_onnx", "onnx_session", "run_onnx"]
 
@@ -129,6 +131,7 @@ def export_onnx(
     dynamic_batch: bool = True,
     opset: int | None = None,
     tol: float = 1e-4,
+    overwrite: bool = False,
 ) -> ExportReport:
     """Export `model` to a verified ONNX file.
 
@@ -140,23 +143,39 @@ def export_onnx(
         dynamic_batch: make dim 0 of every input dynamic and verify a second batch size.
         opset: opset to request (exporter default when None).
         tol: largest allowed |onnxruntime - torch| relative to max |torch|.
+        overwrite: replace an existing file at `path`.
 
     Returns:
         An `ExportReport`.
 
     Raises:
-        ExportError: export failed, the checker rejected the file, or outputs differ.
+        ExportError: export failed, the checker rejected the file, or outputs differ;
+            `path` is a directory, exists (without `overwrite`) or is not writable.
+            Nothing is left at `path` when it is raised.
 
     Example:
         >>> report = fxslim.export_onnx(small, torch.randn(1, 3, 224, 224), "small.onnx")
         >>> report.max_diff < 1e-4
         True
     """
+    check_module("model", model)
+    number("tol", tol, 0.0, lo_open=True)
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 7):
+        raise ArgumentError(f"opset must be an int >= 7 or None, got {opset!r}")
+    inputs = as_input_tuple(example_inputs)
+    path = as_path(path, ExportError)
+    check_output_file(path, overwrite, ExportError)
+    try:
+        with folders_made(path.parent):
+            return _export_verified(model, inputs, path, simplify, dynamic_batch, opset, tol)
+    except OSError as exc:
+        raise ExportError(f"cannot write '{path}': {exc}; nothing was left behind") from exc
+
+
+def _export_verified(model: nn.Module, inputs: tuple, path: Path, simplify: bool, dynamic_batch: bool,
+                     opset: int | None, tol: float) -> ExportReport:
     import onnx
 
-    inputs = as_input_tuple(example_inputs)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()
     # protobuf caps one file at 2 GB: larger models keep their weights in a side file

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from fxslim._args import closest
+from fxslim.errors import ArgumentError
 from fxslim.graph.coupling import ChannelGroup, Member
 from fxslim.utils import sorted_unique
 
@@ -443,6 +445,9 @@ def get_importance(spec: str | Callable | None) -> Callable:
         "lamp": LAMPImportance,
         "random": RandomImportance,
     }
-    if spec not in table:
-        raise ValueError(f"unknown importance {spec!r}; data-driven criteria take data: use the classes")
+    if not isinstance(spec, str) or spec not in table:
+        raise ArgumentError(
+            f"importance must be one of {['l1', *table]} or a callable (module, group) -> scores, got {spec!r}"
+            f"{closest(spec, ['l1', *table]) if isinstance(spec, str) else ''}; data-driven criteria "
+            "(TaylorImportance, ActivationImportance, SensitivityImportance) take data: pass an instance")
     return table[spec]()

@@ -29,7 +29,10 @@ from fxslim.passes.policy import Policy, _round, score_groups
 from fxslim.passes.prune import apply_plan, make_plan
 from fxslim.runtime.measure import measure_latency, onnx_latency
 
-__all__ = ["latency_of", "prune_to_latency"]
+__all__ = ["LATENCY_OPTIONS", "latency_of", "prune_to_latency"]
+
+# what `prune(..., latency_options=...)` passes on to `prune_to_latency`
+LATENCY_OPTIONS = ("backend", "threads", "runs", "probe", "tol", "steps", "measure", "macs_target")
 
 logger = logging.getLogger(__name__)
 

@@ -28,10 +28,12 @@ from typing import Any
 import numpy as np
 from torch import fx, nn
 
-from fxslim.errors import PlanMismatchError
+from fxslim import _args as A
+from fxslim._args import check_module
+from fxslim.errors import ArgumentError, PlanMismatchError
 from fxslim.graph.analysis import analyze
 from fxslim.graph.coupling import ChannelGroup, CouplingGraph
-from fxslim.graph.trace import trace
+from fxslim.graph.trace import TRACE_OPTIONS, trace
 from fxslim.passes.base import Pass, PassResult
 from fxslim.passes.estimate import CostModel
 from fxslim.passes.importance import Importance, get_importance, l1_importance
@@ -244,8 +246,10 @@ def plan_prune(
             ratio, plan, macs, params = _refine(cg, scores, policy, lo, hi, price, which, base, goal) or (
                 ratio, plan, macs, params)
         if abs((macs if which == 1 else params) / base - goal) > 0.02 * goal:
-            logger.warning("target %.3f not reachable: closest is %.3f (pinned groups limit it)",
-                           goal, (macs if which == 1 else params) / base)
+            why = (f"widths move in steps of round_to={policy.round_to} channels" if policy.round_to > 1
+                   else "groups change by whole units (e.g. attention heads)")
+            logger.warning("target %.3f not reachable: closest is %.3f (%s; pinned and ignored groups "
+                           "never shrink)", goal, (macs if which == 1 else params) / base, why)
     else:
         ratio = policy.ratio
         plan, macs, params = price(policy)
@@ -355,12 +359,29 @@ def prune(
         >>> small = fxslim.prune(resnet18(), x, target_macs=0.5, round_to=8, ignore=["fc"])
         >>> print(fxslim.prune(resnet18(), x, 0.3, dry_run=True))
     """
-    names = {id(m): n for n, m in model.named_modules()}
-    paths = [names.get(id(i), "") if isinstance(i, nn.Module) else str(i) for i in ignore]
+    check_module("model", model)
+    targets = {"target_macs": target_macs, "target_params": target_params, "target_latency": target_latency}
+    for name, value in targets.items():
+        A.fraction(name, value, zero=False, none=True)
+    if sum(v is not None for v in targets.values()) > 1:
+        raise ArgumentError(f"give one target, got {[k for k, v in targets.items() if v is not None]}")
+    policy = Policy(
+        ratio=A.fraction("ratio", ratio, none=True) if ratio is not None else 0.5,
+        global_ranking=bool(global_ranking),
+        threshold=A.number("threshold", threshold, none=True),
+        max_ratio=A.fraction("max_ratio", max_ratio, none=True),
+        overrides=A.ratio_map(model, overrides, "overrides"),
+        round_to=A.positive_int("round_to", round_to),
+        ignore=A.module_paths(model, ignore, "ignore"),
+    )
+    if latency_options is not None and not isinstance(latency_options, Mapping):
+        raise ArgumentError(f"latency_options must be a mapping, got {type(latency_options).__name__}")
+    if latency_options:
+        from fxslim.passes.latency import LATENCY_OPTIONS
+
+        A.known_names("latency_options", latency_options, LATENCY_OPTIONS)
+    A.known_names("prune() keyword", trace_kwargs, TRACE_OPTIONS)
     crit = get_importance(importance) if importance is not None else l1_importance
-    policy = Policy(ratio=ratio if ratio is not None else 0.5, global_ranking=global_ranking, threshold=threshold,
-                    max_ratio=max_ratio, overrides=dict(overrides or {}), round_to=round_to, ignore=paths)
-    policy.check()
     if target_latency is None and target_macs is None and target_params is None and not dry_run:
         return _prune_once(model, example_inputs, policy, crit, trace_kwargs)  # no pricing needed
     gm = trace(model, example_inputs, share_weights=True, **trace_kwargs)

@@ -20,7 +20,14 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from fxslim.errors import PassContractError, PinnedChannelsError, PlanMismatchError, TraceError
+from fxslim._args import check_module, closest, known_names
+from fxslim.errors import (
+    ArgumentError,
+    PassContractError,
+    PinnedChannelsError,
+    PlanMismatchError,
+    TraceError,
+)
 from fxslim.graph import rules as R
 from fxslim.graph.coupling import ChannelGroup, CouplingGraph, Member
 from fxslim.graph.shapes import propagate_shapes
@@ -178,6 +185,8 @@ def apply_plan(gm: fx.GraphModule, cg: CouplingGraph, plan: PrunePlan, example_i
                         clone = t.detach().clone()
                         if isinstance(t, nn.Parameter):
                             clone = nn.Parameter(clone, requires_grad=t.requires_grad)
+                        for hook in (getattr(t, "_backward_hooks", None) or {}).values():
+                            clone.register_hook(hook)  # gradient hooks (their modules stay whole)
                         copies[id(t)] = clone
                     table[name] = clone
         for target, cuts in by_target.items():
@@ -271,7 +280,8 @@ def find_member(cg: CouplingGraph, gm: fx.GraphModule, layer: str) -> tuple[Memb
         try:
             gm.get_submodule(layer)
         except AttributeError:
-            raise PlanMismatchError(f"the model has no layer '{layer}'") from None
+            known = [n for n, _ in gm.named_modules() if n]
+            raise PlanMismatchError(f"the model has no layer '{layer}'{closest(layer, known)}") from None
         raise PlanMismatchError(
             f"layer '{layer}' produces no channels fxslim can prune (no weight rows in any group)"
         )
@@ -347,8 +357,18 @@ def prune_channels(model: nn.Module, example_inputs: Any, request: Mapping[str, 
         >>> small = fxslim.prune_channels(resnet18(), x, {"layer1.0.conv1": [3, 7]})
     """
     from fxslim.graph.analysis import analyze
-    from fxslim.graph.trace import trace
+    from fxslim.graph.trace import TRACE_OPTIONS, trace
 
+    check_module("model", model)
+    known_names("prune_channels() keyword", trace_kwargs, TRACE_OPTIONS)
+    if not isinstance(request, Mapping):
+        raise ArgumentError(f"request must be a mapping {{layer path: channel indices}}, got {type(request).__name__}")
+    request = {layer: list(idx) if isinstance(idx, Iterable) and not isinstance(idx, (str, bytes)) else idx
+               for layer, idx in request.items()}
+    for layer, idx in request.items():
+        if not isinstance(layer, str) or not isinstance(idx, list) \
+                or not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in idx):
+            raise ArgumentError(f"request entries must be 'layer path': [channel indices, ...], got {layer!r}: {idx!r}")
     gm = trace(model, example_inputs, share_weights=True, **trace_kwargs)
     cg = analyze(gm)
     return PruneChannelsPass(cg, request, example_inputs)(gm).module

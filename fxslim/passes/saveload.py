@@ -10,28 +10,30 @@ A save directory holds two files:
 
 `load` traces a fresh instance of the original architecture, re-applies the plan
 steps, checks every tensor name and shape, and assigns the weights. Nothing in the
-files is executed. Saving writes a sibling temporary directory and swaps it in by
-rename, so an interrupted save leaves the previous save intact.
+files is executed. Saving writes both files under temporary names in the directory and
+renames them into place, the plan last, so an interrupted save leaves the previous
+save intact; it never deletes or replaces anything it did not write itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import fx, nn
 
+from fxslim._args import check_module
 from fxslim.errors import FxslimError, SaveLoadError
 from fxslim.graph.analysis import analyze
 from fxslim.graph.trace import trace
 from fxslim.passes.prune import apply_plan, find_recorded_group, make_plan
+from fxslim.utils import as_path, check_output_file, folders_made
 
 __all__ = ["PLAN_FORMAT", "load", "save", "save_pt2"]
 
@@ -39,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 PLAN_FORMAT = "fxslim-plan/1"
 PLAN, WEIGHTS = "plan.json", "weights.safetensors"
+_TMP = ".fxslim-tmp-"  # prefix of save()'s own temporary files
 
 
 def _sha256(path: Path) -> str:
@@ -54,15 +57,54 @@ def _fsync(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def save(model: fx.GraphModule, directory: str | os.PathLike) -> Path:
+def _holds_save(folder: Path) -> bool:
+    try:
+        plan = json.loads((folder / PLAN).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(plan, dict) and plan.get("format") == PLAN_FORMAT
+
+
+def _check_target(target: Path, overwrite: bool) -> None:
+    """Refuse any path whose contents save() did not write."""
+    if not target.exists():
+        if target.is_symlink():
+            raise SaveLoadError(f"'{target}' is a dangling symbolic link; nothing was written")
+        return
+    if not target.is_dir():
+        raise SaveLoadError(f"'{target}' exists and is not a directory; nothing was written "
+                            "(save() takes a new or empty directory, or an earlier save with overwrite=True)")
+    entries = [e for e in os.listdir(target) if not e.startswith(_TMP)]
+    if not entries:
+        return
+    if not _holds_save(target):
+        raise SaveLoadError(f"'{target}' is not empty and holds no fxslim save ({len(entries)} entries, "
+                            f"e.g. {sorted(entries)[:3]}); nothing was written: choose a new or empty directory")
+    if not overwrite:
+        raise SaveLoadError(f"'{target}' already holds an fxslim save; pass overwrite=True to replace it")
+
+
+def save(model: fx.GraphModule, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Save a model produced by fxslim (pruned or just traced) to `directory`.
+
+    Only ``plan.json`` and ``weights.safetensors`` are ever written; nothing else at the
+    path is touched. The directory must be new, empty, or (with ``overwrite=True``) an
+    earlier save. Both files are written under temporary names and renamed into place,
+    the plan last, so an interrupted save leaves the previous save (or no save) behind,
+    never a half-written one.
 
     Args:
         model: a GraphModule returned by `fxslim.trace`, `prune` or `prune_channels`.
-        directory: the save directory (created or replaced atomically).
+        directory: the save directory (created if missing).
+        overwrite: replace an earlier fxslim save at `directory`.
 
     Returns:
         The directory path.
+
+    Raises:
+        SaveLoadError: not an fxslim model; the path is a file, a non-empty directory
+            that holds no save, an earlier save without ``overwrite``, or not writable.
+            Nothing is written or removed when it is raised.
 
     Example:
         >>> fxslim.save(small, "out/resnet18-50")
@@ -73,47 +115,46 @@ def save(model: fx.GraphModule, directory: str | os.PathLike) -> Path:
     import fxslim
 
     meta = getattr(model, "meta", {}) or {}
-    if "fxslim_source" not in meta:
-        raise SaveLoadError("save() takes a model produced by fxslim (trace, prune or prune_channels)")
-    target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    if not isinstance(model, nn.Module) or "fxslim_source" not in meta:
+        raise SaveLoadError("save() takes a model produced by fxslim (trace, prune or prune_channels), "
+                            f"got {type(model).__name__}")
+    target = as_path(directory, SaveLoadError, "directory")
+    _check_target(target, overwrite)
+    tag = f"{_TMP}{os.getpid()}-"
+    w_tmp, p_tmp = target / f"{tag}{WEIGHTS}", target / f"{tag}{PLAN}"
     try:
-        tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": PLAN_FORMAT})
-        _fsync(tmp / WEIGHTS)
-        plan = {
-            "format": PLAN_FORMAT,
-            "fxslim_version": fxslim.__version__,
-            "torch_version": torch.__version__,
-            "source_fingerprint": meta["fxslim_source"],
-            "inputs": meta.get("fxslim_inputs", []),
-            "steps": meta.get("fxslim_history", []),
-            "weights_sha256": _sha256(tmp / WEIGHTS),
-            "tensors": {k: list(v.shape) for k, v in tensors.items()},
-        }
-        (tmp / PLAN).write_text(json.dumps(plan, indent=1))
-        _fsync(tmp / PLAN)
-        old = target.parent / f".{target.name}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
+        with folders_made(target):
+            tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+            save_file(tensors, str(w_tmp), metadata={"format": PLAN_FORMAT})
+            _fsync(w_tmp)
+            plan = {
+                "format": PLAN_FORMAT,
+                "fxslim_version": fxslim.__version__,
+                "torch_version": torch.__version__,
+                "source_fingerprint": meta["fxslim_source"],
+                "inputs": meta.get("fxslim_inputs", []),
+                "steps": meta.get("fxslim_history", []),
+                "weights_sha256": _sha256(w_tmp),
+                "tensors": {k: list(v.shape) for k, v in tensors.items()},
+            }
+            p_tmp.write_text(json.dumps(plan, indent=1))
+            _fsync(p_tmp)
+            # weights first, the plan last: a plan names the sha256 of the weights beside
+            # it, so a crash between the two renames cannot load as a wrong model
+            os.replace(w_tmp, target / WEIGHTS)
+            os.replace(p_tmp, target / PLAN)
         return target
+    except OSError as exc:
+        raise SaveLoadError(f"cannot save to '{target}': {exc}; nothing was left behind") from exc
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        for tmp in (w_tmp, p_tmp):
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
 
 
 def _read_plan(target: Path) -> dict[str, Any]:
     path = target / PLAN
     if not path.exists():
-        old = target.parent / f".{target.name}.old"
-        if (old / PLAN).exists():  # a save was interrupted between its two renames
-            logger.warning("loading the previous save of %s (an interrupted save left it aside)", target)
-            return _read_plan(old) | {"_dir": str(old)}
         raise SaveLoadError(f"{path} does not exist")
     try:
         plan = json.loads(path.read_text())
@@ -144,10 +185,10 @@ def load(directory: str | os.PathLike, model: nn.Module) -> fx.GraphModule:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    target = Path(directory)
+    check_module("model", model)
+    target = as_path(directory, SaveLoadError, "directory")
     plan = _read_plan(target)
-    folder = Path(plan.pop("_dir", target))
-    weights = folder / WEIGHTS
+    weights = target / WEIGHTS
     if not weights.exists():
         raise SaveLoadError(f"{weights} does not exist")
     if _sha256(weights) != plan["weights_sha256"]:
@@ -198,18 +239,31 @@ def load(directory: str | os.PathLike, model: nn.Module) -> fx.GraphModule:
     return gm.eval()
 
 
-def save_pt2(model: nn.Module, example_inputs: Any, path: str | os.PathLike) -> Path:
-    """Also offered: a `torch.export` program (.pt2) for users who deploy with it."""
+def save_pt2(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Also offered: a `torch.export` program (.pt2) for users who deploy with it.
+
+    Raises:
+        SaveLoadError: the path is a directory, an existing file without ``overwrite``,
+            or not writable; or torch.export cannot export the model.
+    """
     from fxslim.graph.trace import as_input_tuple
 
-    path = Path(path)
-    prog = torch.export.export(model.eval(), as_input_tuple(example_inputs))
-    fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=path.parent if path.parent.exists() else None)
-    os.close(fd)
+    path = as_path(path, SaveLoadError)
+    check_output_file(path, overwrite, SaveLoadError)
     try:
-        torch.export.save(prog, tmp)
-        os.replace(tmp, path)
+        prog = torch.export.export(model.eval(), as_input_tuple(example_inputs))
+    except FxslimError:
+        raise
+    except Exception as exc:  # torch.export's own errors are many and untyped
+        raise SaveLoadError(f"torch.export cannot export {type(model).__name__}: {type(exc).__name__}: {exc}") from exc
+    tmp = path.with_name(f"{_TMP}{os.getpid()}-{path.name}")
+    try:
+        with folders_made(path.parent):
+            torch.export.save(prog, str(tmp))
+            os.replace(tmp, path)
+    except OSError as exc:
+        raise SaveLoadError(f"cannot write '{path}': {exc}; nothing was left behind") from exc
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return path

@@ -8,6 +8,8 @@ from typing import Any
 
 from torch import nn
 
+from fxslim._args import check_module, positive_int
+from fxslim.errors import ArgumentError
 from fxslim.runtime.measure import count_macs, count_params, measure_latency, onnx_latency
 
 __all__ = ["compare"]
@@ -35,6 +37,12 @@ def compare(
     Example:
         >>> print(fxslim.compare({"original": model, "pruned": small}, x))
     """
+    if not isinstance(models, Mapping) or not models:
+        raise ArgumentError(f"models must be a non-empty mapping {{label: module}}, got {type(models).__name__}")
+    for label, m in models.items():
+        check_module(f"models[{label!r}]", m)
+    positive_int("runs", runs)
+    positive_int("threads", threads)
     rows = []
     for label, m in models.items():
         lat = measure_latency(m, example_inputs, runs=runs, threads=threads)

@@ -11,6 +11,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from fxslim._args import check_module, positive_int
+from fxslim.errors import ArgumentError
+
 __all__ = [
     "count_macs",
     "count_params",
@@ -27,6 +30,7 @@ def _tuple(x: Any) -> tuple:
 
 def count_params(model: nn.Module) -> int:
     """Number of parameter elements."""
+    check_module("model", model)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -44,6 +48,7 @@ class no_mha_fastpath:
 
 def count_macs(model: nn.Module, example_inputs: Any) -> int:
     """Multiply-accumulates of one forward pass, from torch.utils.flop_counter (FLOPs / 2)."""
+    check_module("model", model)
     with FlopCounterMode(display=False) as counter, torch.inference_mode(), no_mha_fastpath():
         model(*_tuple(example_inputs))
     return counter.get_total_flops() // 2
@@ -65,6 +70,13 @@ def measure_latency(
         runs: timed runs.
         threads: torch intra-op threads during the measurement (restored afterwards).
     """
+    if not (isinstance(fn, nn.Module) or callable(fn)):
+        raise ArgumentError(f"fn must be an nn.Module or a zero-argument callable, got {type(fn).__name__}")
+    positive_int("runs", runs)
+    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
+        raise ArgumentError(f"warmup must be an int >= 0, got {warmup!r}")
+    if threads is not None:
+        positive_int("threads", threads)
     if isinstance(fn, nn.Module):
         module, xs = fn.eval(), _tuple(example_inputs)
 

@@ -113,12 +113,76 @@ def test_interrupted_save_leaves_previous_loadable(pruned, tmp_path, monkeypatch
 
     monkeypatch.setattr(st, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
-        fxslim.save(fxslim.prune(small, x, 0.5), d)
+        fxslim.save(fxslim.prune(small, x, 0.5), d, overwrite=True)
     monkeypatch.undo()
     again = fxslim.load(d, fresh())
     with torch.inference_mode():
         assert torch.equal(again(x), small(x))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary left behind
+    assert sorted(os.listdir(d)) == ["plan.json", "weights.safetensors"]
+
+
+def _tree(root):
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+def test_save_never_deletes_what_it_did_not_write(pruned, tmp_path, monkeypatch):
+    small = pruned[0]
+    home = tmp_path / "home"
+    (home / "projects" / "important").mkdir(parents=True)
+    (home / "projects" / "important" / "thesis.tex").write_text("years of work")
+    (home / ".bashrc").write_text("alias ll='ls -l'")
+    (home / "notes.txt").write_text("a file, not a folder")
+    before = _tree(home)
+    for target in (home, home / "projects", home / "notes.txt"):
+        with pytest.raises(fxslim.SaveLoadError, match="not empty|not a directory"):
+            fxslim.save(small, target)
+        assert _tree(home) == before
+    monkeypatch.chdir(home / "projects")
+    with pytest.raises(fxslim.SaveLoadError, match="not empty"):
+        fxslim.save(small, ".")
+    assert _tree(home) == before
+
+
+def test_save_into_the_current_or_an_empty_directory(pruned, tmp_path, monkeypatch):
+    small, x = pruned
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    fxslim.save(small, ".")
+    assert sorted(os.listdir(empty)) == ["plan.json", "weights.safetensors"]
+    with torch.inference_mode():
+        assert torch.equal(fxslim.load(".", fresh())(x), small(x))
+
+
+def test_replacing_an_earlier_save_needs_overwrite(pruned, tmp_path):
+    small, x = pruned
+    d = tmp_path / "m"
+    fxslim.save(small, d)
+    (d / "README.md").write_text("the user's notes beside the save")
+    other = fxslim.prune(small, x, 0.5)
+    with pytest.raises(fxslim.SaveLoadError, match="overwrite=True"):
+        fxslim.save(other, d)
+    with torch.inference_mode():
+        assert torch.equal(fxslim.load(d, fresh())(x), small(x))  # the earlier save is intact
+    fxslim.save(other, d, overwrite=True)
+    with torch.inference_mode():
+        assert torch.equal(fxslim.load(d, fresh())(x), other(x))
+    assert sorted(os.listdir(d)) == ["README.md", "plan.json", "weights.safetensors"]
+
+
+def test_save_to_an_unwritable_place_is_typed_and_leaves_nothing(pruned, tmp_path):
+    if os.geteuid() == 0:
+        target = tmp_path / "file" / "sub"  # root writes anywhere: a path through a file fails for anyone
+        (tmp_path / "file").write_text("x")
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        target = locked / "m"
+    before = _tree(tmp_path)
+    with pytest.raises(fxslim.SaveLoadError, match="cannot save"):
+        fxslim.save(pruned[0], target)
+    assert _tree(tmp_path) == before
 
 
 def test_save_needs_an_fxslim_model(tmp_path):
@@ -135,3 +199,7 @@ def test_save_pt2_round_trip(tmp_path):
     prog = torch.export.load(path)
     with torch.inference_mode():
         assert torch.equal(prog.module()(x), small(x))
+    with pytest.raises(fxslim.SaveLoadError, match="overwrite=True"):
+        fxslim.save_pt2(small, x, path)
+    assert fxslim.save_pt2(small, x, path, overwrite=True) == path
+    assert sorted(os.listdir(tmp_path)) == ["small.pt2"]

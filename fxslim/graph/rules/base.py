@@ -51,8 +51,8 @@ def register_rule(key: Any, couple: Callable, sync: Callable | None = None,
     """Register (or replace) the coupling rule for a module type, function or method.
 
     Args:
-        key: an nn.Module subclass, a function (e.g. ``torch.relu``) or
-            ``"method:<name>"``.
+        key: an nn.Module subclass, a function (e.g. ``torch.relu``), a
+            ``torch.autograd.Function`` subclass (its ``apply`` calls) or ``"method:<name>"``.
         couple: ``couple(b, node, mod, path)``; see the helpers in this module
             (`elementwise`, `same_as_input`) for the common cases.
         sync: optional ``sync(mod)`` to update module attributes after slicing.
@@ -76,8 +76,8 @@ def lookup_rule(node: fx.Node, mod: nn.Module | None) -> Rule | None:
             if base in RULES and t.forward is base.forward:
                 return RULES[base]
         return None
-    if node.op == "call_function":
-        return RULES.get(node.target)
+    if node.op == "call_function":  # a custom autograd Function is keyed by its class
+        return RULES.get(getattr(node.target, "autograd_function", node.target))
     if node.op == "call_method":
         return RULES.get(f"method:{node.target}")
     return None

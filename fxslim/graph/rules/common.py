@@ -149,9 +149,10 @@ def couple_output(b: Builder, node: fx.Node) -> None:
             b.pin_struct(s, "model output")
 
 
-def couple_unknown(b: Builder, node: fx.Node, mod: nn.Module | None) -> None:
-    """No rule: pin everything the op touches; its outputs are new pinned spaces."""
-    reason = f"no rule for {where(node, b.gm)}"
+def couple_unknown(b: Builder, node: fx.Node, mod: nn.Module | None, reason: str | None = None) -> None:
+    """No rule (or a module kept whole for `reason`): pin everything the op touches; its
+    outputs are new pinned spaces."""
+    reason = reason or f"no rule for {where(node, b.gm)}"
     for a in _flat_args(node):
         s = b.out.get(a)
         if s is not None:
