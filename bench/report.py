@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from bench import distill_table, latency, latency_target, policy_compare, prune_speed
+from bench.gpu import BEGIN, END  # the GPU section is written by `python -m bench.gpu` and kept here
 
 OUT = Path(__file__).with_name("README.md")
 
@@ -42,6 +43,8 @@ def main() -> None:
     lt = latency_target.table()
     pc = policy_compare.table()
     dt = distill_table.table()
+    old = OUT.read_text() if OUT.exists() else ""
+    gpu = old[old.index(BEGIN):old.index(END) + len(END)] + "\n\n" if BEGIN in old and END in old else ""
     OUT.write_text(f"""# fxslim benchmarks
 
 Regenerate everything here with `python -m bench.report` (a quiet machine, ~30 minutes on
@@ -98,7 +101,7 @@ mean per-seed difference to label-only fine-tuning ± its standard error.
 
 {dt}
 
-## Notes
+{gpu}## Notes
 
 - Widths matter more than MACs on the CPU. mobilenet_v2 pruned to 1/2 of its MACs
   *without* `round_to` ran in 6.4 ms in onnxruntime against 3.5 ms for the original
