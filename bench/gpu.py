@@ -146,12 +146,12 @@ def main(argv: list[str] | None = None) -> None:
     thr = throughput_rows(args.device, 2 if small else 128, 32 if small else 224, 2 if small else 30)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     text = "\n".join([
-        f"{BEGIN}\n## GPU\n\n`python -m bench.gpu` on {name}, torch {torch.__version__} "
-        f"({time.perf_counter() - t0:.0f} s in all).\n",
+        (f"{BEGIN}\n## GPU\n\n`python -m bench.gpu` on {name}, torch {torch.__version__} "
+        f"({time.perf_counter() - t0:.0f} s in all).\n"),
         "| check | result | time |", "|---|---|---|", *checks, "",
-        f"Throughput, {'float16' if args.device.startswith('cuda') else 'float32'}, batch "
+        (f"Throughput, {'float16' if args.device.startswith('cuda') else 'float32'}, batch "
         f"{2 if small else 128}, median of {2 if small else 30} runs (vit_b_16 has no convolutions: "
-        "no channels-last rows):\n",
+        "no channels-last rows):\n"),
         "| model | variant | layout | MACs kept | images/s | vs first row |", "|---|---|---|---|---|---|",
         *thr, END,
     ])
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     old = README.read_text()
     if BEGIN in old:
-        new = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: text, old, flags=re.S)
+        new = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: text, old, flags=re.DOTALL)
     else:
         new = old.replace("\n## Notes", f"\n{text}\n\n## Notes", 1)
     README.write_text(new)

@@ -13,7 +13,10 @@ from pathlib import Path
 import torch
 
 from bench import distill_table, latency, latency_target, policy_compare, prune_speed
-from bench.gpu import BEGIN, END  # the GPU section is written by `python -m bench.gpu` and kept here
+from bench.gpu import (  # the GPU section is written by `python -m bench.gpu` and kept here
+    BEGIN,
+    END,
+)
 
 OUT = Path(__file__).with_name("README.md")
 
