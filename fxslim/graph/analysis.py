@@ -53,20 +53,28 @@ def analyze(gm: fx.GraphModule) -> CouplingGraph:
             R.couple_unknown(b, node, mod)
             continue
         rule.couple(b, node, mod, node.target if mod is not None else None)
-        _note_attrs_and_literals(b, node, rule)
+        if rule.fix_literals is not None:
+            for s in R.literal_spaces(b, node, rule):
+                b.note(s, "literal", node.name, -1)
+    b.flush_pending()
+    _note_attrs(b, modules)
     return b.finish()
 
 
-def _note_attrs_and_literals(b: Builder, node: fx.Node, rule: R.Rule) -> None:
-    """Report the module attributes and graph literals a prune rewrites as group members."""
-    attrs = rule.attrs(b.gm.get_submodule(node.target)) if callable(rule.attrs) else rule.attrs
-    for attr, param, dim in attrs:
-        s = b.member_space.get((f"{node.target}.{param}", dim))
-        if s is not None:
-            b.note(s, "attr", f"{node.target}.{attr}", dim)
-    if rule.fix_literals is not None:
-        for s in R.literal_spaces(b, node, rule):
-            b.note(s, "literal", node.name, -1)
+def _note_attrs(b: Builder, modules: dict[str, nn.Module]) -> None:
+    """Report the module attributes a prune rewrites as group members: those of every
+    module that owns a member, whichever form (module or function) used its parameters."""
+    for path in sorted(b.touched_modules):
+        mod = modules.get(path)
+        rule = R.rule_of_type(type(mod)) if mod is not None else None
+        if rule is None or rule.sync is None:
+            continue
+        attrs = rule.attrs(mod) if callable(rule.attrs) else rule.attrs
+        prefix = f"{path}." if path else ""
+        for attr, param, dim in attrs:
+            s = b.member_space.get((prefix + param, dim))
+            if s is not None:
+                b.note(s, "attr", prefix + attr, dim)
 
 
 def _tensor_args(b: Builder, node: fx.Node) -> list:

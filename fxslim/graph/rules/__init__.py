@@ -14,7 +14,7 @@ Layout: `base` (the Rule type, the table, lookups), `common` (helpers such as
 (the registrations).
 """
 
-from fxslim.graph.rules.base import RULES, SHAPE_QUERIES, Rule, lookup_rule, register_rule, sync_of
+from fxslim.graph.rules.base import RULES, SHAPE_QUERIES, Rule, lookup_rule, register_rule, rule_of_type, sync_of
 from fxslim.graph.rules.common import (
     couple_get_attr,
     couple_output,
@@ -37,6 +37,7 @@ __all__ = [
     "literal_spaces",
     "lookup_rule",
     "register_rule",
+    "rule_of_type",
     "same_as_input",
     "sync_of",
 ]

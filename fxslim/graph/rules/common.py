@@ -130,7 +130,7 @@ def couple_get_attr(b: Builder, node: fx.Node) -> None:
         if s == 1:
             b.pin(sid, f"size-1 dim of '{node.target}'")
         else:
-            b.member(sid, kind, node.target, d, "norm")
+            b.attr_dim(sid, kind, node.target, d)
         out.append(sid)
     b.out[node] = out
 
@@ -149,9 +149,10 @@ def couple_output(b: Builder, node: fx.Node) -> None:
             b.pin_struct(s, "model output")
 
 
-def couple_unknown(b: Builder, node: fx.Node, mod: nn.Module | None) -> None:
-    """No rule: pin everything the op touches; its outputs are new pinned spaces."""
-    reason = f"no rule for {where(node, b.gm)}"
+def couple_unknown(b: Builder, node: fx.Node, mod: nn.Module | None, reason: str | None = None) -> None:
+    """No rule (or one the op's operands defeat): pin everything the op touches; its
+    outputs are new pinned spaces."""
+    reason = reason or f"no rule for {where(node, b.gm)}"
     for a in _flat_args(node):
         s = b.out.get(a)
         if s is not None:

@@ -19,6 +19,7 @@ from fxslim.graph.rules.common import (
     _spatial_ops,
     couple_unknown,
 )
+from fxslim.graph.rules.operands import layer_operands
 
 # ---------------------------------------------------------------------------------------
 # structural tensor ops
@@ -223,29 +224,28 @@ def _reduce(stat: bool):
     return couple
 
 
+_ADAPTIVE_NSP = {
+    F.adaptive_avg_pool1d: 1, F.adaptive_max_pool1d: 1, nn.AdaptiveAvgPool1d: 1, nn.AdaptiveMaxPool1d: 1,
+    F.adaptive_avg_pool2d: 2, F.adaptive_max_pool2d: 2, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveMaxPool2d: 2,
+    F.adaptive_avg_pool3d: 3, F.adaptive_max_pool3d: 3, nn.AdaptiveAvgPool3d: 3, nn.AdaptiveMaxPool3d: 3,
+}
+
+
 def couple_adaptive_pool(b: Builder, node: fx.Node, mod=None, path=None) -> None:
-    x = node.args[0]
-    nd = len(_shape(node))
-    if mod is not None:
-        osz = mod.output_size
-    else:
-        osz = _arg(node, 1, "output_size")
-    nsp = len(osz) if isinstance(osz, (tuple, list)) else {
-        F.adaptive_avg_pool1d: 1, F.adaptive_max_pool1d: 1,
-        F.adaptive_avg_pool3d: 3, F.adaptive_max_pool3d: 3,
-    }.get(node.target, 2)
-    if mod is not None:
-        nsp = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveMaxPool1d: 1, nn.AdaptiveAvgPool3d: 3,
-               nn.AdaptiveMaxPool3d: 3}.get(type(mod), 2)
-    _keep_except(b, node, x, {d: 0 for d in range(nd - nsp, nd)}, f"spatial dim of {where(node, b.gm)}")
-    if isinstance(b.out[node], list) and isinstance(mod, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)) and mod.return_indices:
-        couple_unknown(b, node, mod)
+    """Adaptive pools (module or function): channels pass through, the pooled dims are new."""
+    key = node.target if mod is None else next(t for t in type(mod).__mro__ if t in _ADAPTIVE_NSP)
+    _pool(_ADAPTIVE_NSP[key])(b, node, mod, path)
 
 
 def _pool(nsp: int):
     def couple(b: Builder, node: fx.Node, mod=None, path=None) -> None:
-        if mod is not None and getattr(mod, "return_indices", False):
-            couple_unknown(b, node, mod)
+        """Pooling/padding (module or function): channels pass through, the last `nsp` dims
+        are new; with return_indices the indices are flat positions per channel: pinned."""
+        op = layer_operands(b, node, mod, path, (), ("return_indices",))
+        if op is None:
+            return
+        if op.settings["return_indices"]:
+            couple_unknown(b, node, mod, f"{where(node, b.gm)} returns indices")
             return
         _spatial_ops(nsp)(b, node, mod, path)
 
@@ -364,45 +364,3 @@ def couple_sdpa(b: Builder, node: fx.Node, mod=None, path=None) -> None:
             if b.sizes[b.find(t[d])] == b.sizes[b.find(qs[d])]:
                 b.union(qs[d], t[d])
     b.out[node] = list(qs[:-1]) + [vs[-1]]
-
-
-def couple_linear_fn(b: Builder, node: fx.Node, mod=None, path=None) -> None:
-    """F.linear(x, w, bias) with w a graph tensor: x's last dim is w's dim 1."""
-    x, w = node.args[0], _arg(node, 1, "weight")
-    bias = _arg(node, 2, "bias")
-    b.union(b.out[x][-1], b.out[w][1])
-    if isinstance(bias, fx.Node):
-        b.union(b.out[w][0], b.out[bias][0])
-    b.out[node] = list(b.out[x][:-1]) + [b.out[w][0]]
-
-
-def couple_layer_norm_fn(b: Builder, node: fx.Node, mod=None, path=None) -> None:
-    """F.layer_norm(x, normalized_shape, w, b): a statistic over the last dim; w, b on it."""
-    x = node.args[0]
-    ns = _arg(node, 1, "normalized_shape")
-    xs = b.out[x]
-    b.out[node] = list(xs)
-    if len(ns) != 1:
-        for s in xs[-len(ns):]:
-            b.pin(s, f"{where(node, b.gm)} normalises over several dims")
-        return
-    b.mark_stat(xs[-1])
-    for i, name in ((2, "weight"), (3, "bias")):
-        t = _arg(node, i, name)
-        if isinstance(t, fx.Node):
-            b.union(xs[-1], b.out[t][0])
-
-
-def literal_dims_layer_norm(b: Builder, node: fx.Node) -> list[int]:
-    return [b.out[node.args[0]][-1]]
-
-
-def fix_layer_norm_fn(node: fx.Node, new_sizes: Callable, kept: Callable, dynamic: Callable) -> None:
-    x = node.args[0]
-    n = new_sizes(x, None)[-1]
-    args = list(node.args)
-    if len(args) > 1:
-        args[1] = (n,)
-        node.args = tuple(args)
-    else:
-        node.kwargs = {**node.kwargs, "normalized_shape": (n,)}
