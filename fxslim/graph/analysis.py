@@ -8,8 +8,10 @@ from typing import Any
 
 from torch import fx, nn
 
+from fxslim.errors import FxslimError, RuleError
 from fxslim.graph import rules as R
-from fxslim.graph.coupling import Builder, ChannelGroup, CouplingGraph
+from fxslim.graph.coupling import Builder, ChannelGroup, CouplingGraph, where
+from fxslim.graph.shapes import node_shapes
 from fxslim.graph.trace import trace
 from fxslim.utils import gc_paused
 
@@ -52,10 +54,23 @@ def analyze(gm: fx.GraphModule) -> CouplingGraph:
             logger.info("no rule for %s; pinning what it touches", node.format_node())
             R.couple_unknown(b, node, mod)
             continue
-        rule.couple(b, node, mod, node.target if mod is not None else None)
-        if rule.fix_literals is not None:
-            for s in R.literal_spaces(b, node, rule):
-                b.note(s, "literal", node.name, -1)
+        try:
+            rule.couple(b, node, mod, node.target if mod is not None else None)
+            if rule.fix_literals is not None:
+                for s in R.literal_spaces(b, node, rule):
+                    b.note(s, "literal", node.name, -1)
+        except FxslimError:
+            raise
+        except Exception as exc:
+            raise RuleError(
+                f"the rule for {where(node, gm)} failed ({type(exc).__name__}: {exc}).\n"
+                f"  node: {node.format_node()}\n  Way out: mark its module as a leaf (trace(..., "
+                f"leaf_paths=[...])) or replace the rule with register_rule; please report it."
+            ) from exc
+        if b.out.get(node) is None and isinstance(node_shapes(node), tuple):
+            # a tensor read out of something fxslim cannot see into (a leaf's ModelOutput)
+            b.out[node] = b.fresh(node_shapes(node), node.name,
+                                  f"{where(node, gm)} reads a tensor out of an output fxslim cannot follow")
     b.flush_pending()
     _note_attrs(b, modules)
     return b.finish()

@@ -52,6 +52,7 @@ from fxslim.graph.rules.tensor_ops import (
     couple_pad,
     couple_pixel_shuffle,
     couple_pixel_unshuffle,
+    couple_roll,
     couple_sdpa,
     couple_split,
     couple_stack,
@@ -179,6 +180,8 @@ register_rule(nn.Unflatten, couple_reshape)
 
 register_rule(F.interpolate, couple_interpolate)
 register_rule(F.pad, couple_pad)
+for _k in (torch.roll, "method:roll"):
+    register_rule(_k, couple_roll)  # rolled dims stay whole, the others pass through
 register_rule(F.pixel_shuffle, couple_pixel_shuffle)
 register_rule(F.pixel_unshuffle, couple_pixel_unshuffle)
 register_rule(torch.pixel_shuffle, couple_pixel_shuffle)

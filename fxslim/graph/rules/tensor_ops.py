@@ -117,9 +117,7 @@ def couple_getitem(b: Builder, node: fx.Node, mod=None, path=None) -> None:
     shape = _shape(node)
     if not isinstance(idx, tuple):
         idx = (idx,)
-    if any(isinstance(i, fx.Node) for i in idx) or any(
-        isinstance(i, slice) and any(isinstance(v, fx.Node) for v in (i.start, i.stop, i.step)) for i in idx
-    ):
+    if any(isinstance(i, fx.Node) for i in idx):  # a computed index or an index tensor
         couple_unknown(b, node, None)
         return
     n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
@@ -140,6 +138,14 @@ def couple_getitem(b: Builder, node: fx.Node, mod=None, path=None) -> None:
             b.pin(xs[d], f"indexed by a constant in {where(node, b.gm)}")
             d += 1
             continue
+        if _computed_bounds(i):  # x[:, :H] with H from a shape: that dim stays whole
+            loc = f"sliced by a computed bound in {where(node, b.gm)}"
+            b.pin(xs[d], loc)
+            out.append(b.new(shape[od], f"{node.name}:{od}", loc))
+            b.dynamic.add(out[-1])
+            d += 1
+            od += 1
+            continue
         n_in = _shape(x)[d]
         start, stop, step = i.indices(n_in)
         if (start, stop, step) == (0, n_in, 1):
@@ -156,6 +162,10 @@ def couple_getitem(b: Builder, node: fx.Node, mod=None, path=None) -> None:
     b.out[node] = out
 
 
+def _computed_bounds(i) -> bool:
+    return isinstance(i, slice) and any(isinstance(v, fx.Node) for v in (i.start, i.stop, i.step))
+
+
 def literal_dims_getitem(b: Builder, node: fx.Node) -> list[int]:
     x, idx = node.args
     if not _is_tensor(b, x):
@@ -167,7 +177,7 @@ def literal_dims_getitem(b: Builder, node: fx.Node) -> list[int]:
         if i is Ellipsis:
             d += len(xs) - n_real
         elif i is not None:
-            if isinstance(i, slice) and (i.start, i.stop, i.step) != (None, None, None):
+            if isinstance(i, slice) and (i.start, i.stop, i.step) != (None, None, None) and not _computed_bounds(i):
                 out.append(xs[d])
             d += 1
     return out
@@ -190,7 +200,7 @@ def fix_getitem(node: fx.Node, new_sizes: Callable, kept: Callable, dynamic: Cal
         if i is None:
             new.append(i)
             continue
-        if isinstance(i, slice):
+        if isinstance(i, slice) and not _computed_bounds(i):  # computed bounds: on a pinned dim
             mask = kept(x, d)
             start, stop, step = i.indices(in_shape[d])
             if mask is not None and (start, stop, step) != (0, in_shape[d], 1):
@@ -250,6 +260,21 @@ def _pool(nsp: int):
         _spatial_ops(nsp)(b, node, mod, path)
 
     return couple
+
+
+def couple_roll(b: Builder, node: fx.Node, mod=None, path=None) -> None:
+    """roll(x, shifts, dims): a cyclic shift along `dims` (kept whole: the shift counts
+    positions); the other dims pass through. Without dims it rolls the flattened tensor."""
+    x = node.args[0]
+    xs = b.out[x]
+    dims = _arg(node, 2, "dims")
+    loc = f"rolled by {where(node, b.gm)}"
+    if dims is None or (isinstance(dims, (tuple, list)) and not dims):
+        dims = range(len(xs))
+    dims = {_dim(d, len(xs)) for d in (dims if isinstance(dims, (tuple, list, range)) else (dims,))}
+    for d in dims:
+        b.pin(xs[d], loc)
+    _keep_except(b, node, x, dict.fromkeys(dims, 0), loc)
 
 
 def couple_interpolate(b: Builder, node: fx.Node, mod=None, path=None) -> None:
