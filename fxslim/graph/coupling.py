@@ -147,6 +147,8 @@ class Builder:
         self.pending: dict[tuple[str, int], str] = {}
         # node name -> the weight whose kept share scales its MACs (conv, linear)
         self.weights: dict[str, str] = {}
+        # splits of one dim into factors, coupled at the end (see `defer_split`)
+        self.splits: list[tuple[int, list[int], str]] = []
         self.out: dict[fx.Node, Any] = {}
         self.touched_modules: set[str] = set()
         # spaces whose size follows the input's shape (batch, spatial): graph size
@@ -236,6 +238,25 @@ class Builder:
         if key in self.member_space:
             self.pin(self.member_space[key], reason)
 
+    def defer_split(self, src: int, factors: list[int], reason: str) -> None:
+        """`src` is split into `factors` (outermost first, row-major). One factor will carry
+        its channels: the outermost that is not pinned once every rule has run, so that
+        ops after the split (an unbind of q/k/v, a merge with another dim) decide it."""
+        self.splits.append((src, factors, reason))
+
+    def resolve_splits(self) -> None:
+        for src, factors, reason in self.splits:
+            sizes = [self.sizes[s] for s in factors]
+            cands = [k for k, s in enumerate(factors) if sizes[k] > 1 and not self.is_pinned(s)]
+            k = cands[0] if cands and not self.is_pinned(src) else 0
+            inner = int(np.prod(sizes[k + 1:]))
+            f = np.arange(self.sizes[src])
+            self.link(src, f, factors[k], (f // inner) % sizes[k])
+            for j, s in enumerate(factors):
+                if j != k:
+                    self.pin(s, reason)
+        self.splits.clear()
+
     def flush_pending(self) -> None:
         """Unclaimed get_attr dims become members (a layer scale, a class token)."""
         for (target, dim), kind in self.pending.items():
@@ -263,6 +284,7 @@ class Builder:
             self.pin(s, reason)
 
     def finish(self) -> CouplingGraph:
+        self.resolve_splits()
         self.flush_pending()
         return CouplingGraph.build(self)
 

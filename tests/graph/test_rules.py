@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -618,3 +620,87 @@ def test_computed_weight_operand_pins_with_reason():
     with pytest.raises(fxslim.PinnedChannelsError, match="computed"):
         fxslim.prune_channels(model, IMG, {"a.0": [0]})
     check_oracles(model, IMG, expect_prunable=1)
+
+
+# ---------------------------------------------------------------------------------------
+# attention written the timm way: fused qkv, reshape(B, N, 3, H, D), permute, unbind
+
+
+class TimmAttention(nn.Module):
+    """timm's Attention: whole heads go (their q, k and v rows and their proj columns);
+    head_dim and the softmax scale stay as they were."""
+
+    def __init__(self, dim=32, heads=4, fused=True, qk_norm=False):
+        super().__init__()
+        self.num_heads, self.head_dim, self.fused = heads, dim // heads, fused
+        self.scale = self.head_dim ** -0.5
+        self.qkv, self.proj = nn.Linear(dim, dim * 3), nn.Linear(dim, dim)
+        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.fused:
+            x = F.scaled_dot_product_attention(q, k, v)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            x = attn.softmax(dim=-1) @ v
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class Encoder(nn.Module):
+    def __init__(self, fused=True, qk_norm=False):
+        super().__init__()
+        self.embed, self.norm = nn.Linear(12, 32), nn.LayerNorm(32)
+        self.attn = TimmAttention(fused=fused, qk_norm=qk_norm)
+        self.fc1, self.fc2, self.head = nn.Linear(32, 48), nn.Linear(48, 32), nn.Linear(32, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        x = x + self.attn(self.norm(x))
+        x = x + self.fc2(F.gelu(self.fc1(x)))
+        return self.head(x.mean(1))
+
+
+TOKENS = torch.randn(2, 6, 12)
+
+
+@pytest.mark.parametrize("fused,qk_norm", [(True, False), (False, False), (True, True)])
+def test_timm_attention_oracles(fused, qk_norm):
+    torch.manual_seed(0)
+    model = Encoder(fused, qk_norm)
+    for seed in range(2):
+        gm, cg, pruned = check_oracles(model, TOKENS, seed=seed, expect_prunable=3)
+        heads = cg.group_of("attn.qkv.weight", 0)
+        assert heads.prunable and heads.size == 4 and not heads.stat
+        assert heads is cg.group_of("attn.proj.weight", 1)
+        check_oracles(pruned, TOKENS, seed=seed + 10, expect_prunable=1)
+
+
+def test_timm_attention_prunes_whole_heads():
+    torch.manual_seed(0)
+    model = Encoder().eval()
+    gm = fxslim.trace(model, TOKENS)
+    cg = fxslim.analyze(gm)
+    assert PruneChannelsPass(cg, {}, TOKENS)(gm).modified is False
+    head1 = [s * 32 + 8 + d for s in range(3) for d in range(8)]  # q, k and v rows of head 1
+    res = PruneChannelsPass(cg, {"attn.qkv": head1}, TOKENS)(gm)
+    assert res.modified is True
+    small = res.module
+    small.graph.lint()
+    assert small.attn.qkv.weight.shape == (72, 32) and small.attn.proj.weight.shape == (32, 24)
+    keep = [i for i in range(96) if i not in head1]
+    assert torch.equal(small.attn.qkv.weight, model.attn.qkv.weight.detach()[keep])
+    shapes = [n.args[1:] for n in small.graph.nodes if n.target == "reshape"]
+    assert shapes[0][2:] == (3, 3, 8) and shapes[1][2] == 24  # 3 heads of 8: head_dim stays
+    dead = copy.deepcopy(model)
+    with torch.no_grad():  # head 1 dead: zero q, k, v rows make its output exactly zero
+        dead.attn.qkv.weight[head1] = 0
+        dead.attn.qkv.bias[head1] = 0
+    with torch.inference_mode():
+        torch.testing.assert_close(small(TOKENS), dead(TOKENS), rtol=1e-5, atol=1e-6)
+    with pytest.raises(fxslim.PlanMismatchError, match="coupled"):
+        fxslim.prune_channels(model, TOKENS, {"attn.qkv": list(range(8, 16))})  # q rows only

@@ -52,6 +52,10 @@ MODELS = {
     # and the channels entering and leaving them are pinned (a capture that runs the model
     # is issue 11 item 3). The MobileNetV2 stages around them prune.
     "mobilevit_xxs": ("timm", (2, 3, 64, 64), 1.0, _mobilevit_blocks, 2),
+    # ViTs at 64 px (timm resamples the position embedding at creation): attention by
+    # whole heads (fused qkv, reshape(B, N, 3, H, D), permute, unbind, SDPA)
+    "deit_tiny_patch16_224": ("timm", (2, 3, 64, 64), 0.40, None, 4),
+    "vit_tiny_patch16_224": ("timm", (2, 3, 64, 64), 0.40, None, 4),
     "r3d_18": ("video", (1, 3, 4, 32, 32), 0.40, None, 2),
     "mc3_18": ("video", (1, 3, 4, 32, 32), 0.40, None, 2),
     # s3d's final AvgPool3d((2, 7, 7)) needs at least 14 frames of 209 x 209
@@ -63,7 +67,8 @@ def build(name: str):
     lib, shape, _, leaves, _ = MODELS[name]
     torch.manual_seed(0)
     if lib == "timm":
-        model = timm.create_model(name, pretrained=False).eval()
+        kw = {"img_size": shape[-1]} if "patch16" in name else {}
+        model = timm.create_model(name, pretrained=False, **kw).eval()
         head = model.pretrained_cfg["classifier"]
     else:
         model = torchvision.models.get_model(name).eval()

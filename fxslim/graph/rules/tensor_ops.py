@@ -337,7 +337,8 @@ def couple_channel_shuffle(b: Builder, node: fx.Node, mod=None, path=None) -> No
 
 
 def couple_matmul(b: Builder, node: fx.Node, mod=None, path=None) -> None:
-    """matmul: a(..., n, k) @ b(..., k, m): k is contracted (coupled), batch dims broadcast."""
+    """matmul: a(..., n, k) @ b(..., k, m): k is contracted (coupled); a batch dim is the
+    operands' own where their sizes match (one index set), a new pinned dim where one broadcasts."""
     x, y = node.args[0], node.args[1]
     xs, ys = b.out[x], b.out[y]
     if len(xs) < 2 or len(ys) < 2:
@@ -345,14 +346,17 @@ def couple_matmul(b: Builder, node: fx.Node, mod=None, path=None) -> None:
         return
     b.union(xs[-1], ys[-2])
     shape = _shape(node)
-    out = b.fresh(shape[:-2], node.name, f"broadcast dims of {where(node, b.gm)}") + [xs[-2], ys[-1]]
-    for t, ts in ((x, xs), (y, ys)):
-        tsh = _shape(t)
-        off = len(shape) - len(tsh)
-        for d in range(len(tsh) - 2):
-            if tsh[d] == shape[d + off] and tsh[d] != 1:
-                b.union(out[d + off], ts[d])
-    b.out[node] = out
+    out = []
+    for d in range(len(shape) - 2):  # batch dims (attention heads ...): the operands' own
+        same = []
+        for t, ts in ((x, xs), (y, ys)):
+            e = d - (len(shape) - len(ts))
+            if 0 <= e < len(ts) - 2 and _shape(t)[e] == shape[d] and shape[d] != 1:
+                same.append(ts[e])
+        for s in same[1:]:
+            b.union(same[0], s)
+        out.append(same[0] if same else b.new(shape[d], f"{node.name}:{d}", f"broadcast dims of {where(node, b.gm)}"))
+    b.out[node] = out + [xs[-2], ys[-1]]
 
 
 def couple_einsum(b: Builder, node: fx.Node, mod=None, path=None) -> None:
