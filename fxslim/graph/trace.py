@@ -147,8 +147,8 @@ def trace(
         except Exception as exc:
             where = tracer.failed_path
             if where is None:  # the model's own forward: it cannot be a leaf of itself
-                way_out = (f"trace the submodules that can be traced (wrap the rest as leaves in a "
-                           f"module of your own), or pass concrete_args to fix Python control flow")
+                way_out = ("trace the submodules that can be traced (wrap the rest as leaves in a "
+                           "module of your own), or pass concrete_args to fix Python control flow")
             else:
                 way_out = (f"mark that module as a leaf (trace(..., leaf_paths=['{where}']) or "
                            f"leaf_modules=[ItsClass]), or pass concrete_args to fix Python control flow")

@@ -20,7 +20,13 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from fxslim.errors import PassContractError, PinnedChannelsError, PlanMismatchError, RuleError, TraceError
+from fxslim.errors import (
+    PassContractError,
+    PinnedChannelsError,
+    PlanMismatchError,
+    RuleError,
+    TraceError,
+)
 from fxslim.graph import rules as R
 from fxslim.graph.coupling import ChannelGroup, CouplingGraph, Member, where
 from fxslim.graph.shapes import propagate_shapes

@@ -496,6 +496,20 @@ class FnPools(nn.Module):
         return self.fc(w.flatten(1))
 
 
+class SharedFn(nn.Module):
+    """One conv called as a module and, on its own weight, as F.conv2d: both forms slice
+    the same tensors, and the kept nn.Conv2d's attributes follow."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.conv, self.out = cbr(3, 8), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        y = F.relu(self.conv(y)) + y
+        return self.out(F.conv2d(y, self.conv.weight, self.conv.bias, padding=1))
+
+
 FN_CASES = {  # model, input, prunable groups at least, the function forms in its graph
     "fn_layers": (lambda: Layers(fn=True), IMG, 6, {
         F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
@@ -505,6 +519,7 @@ FN_CASES = {  # model, input, prunable groups at least, the function forms in it
         F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
         F.lp_pool1d, F.lp_pool2d, F.lp_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
         F.adaptive_max_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d}),
+    "shared_fn": (SharedFn, IMG, 1, {F.conv2d}),
 }
 
 
@@ -573,6 +588,16 @@ def test_function_form_rewrites_sizes_written_in_the_call():
     res = PruneChannelsPass(cg, {"ct3d": [0]}, IMG)(gm)  # F.layer_norm(x, (4,)) -> (3,)
     ln = next(n for n in res.module.graph.nodes if n.target is F.layer_norm)
     assert tuple(ln.args[1]) == (3,)
+
+
+def test_kept_module_follows_a_function_form_of_its_weight():
+    model = _randomise(SharedFn()).eval()
+    small = fxslim.prune_channels(model, IMG, {"a.0": [1, 2, 5]})
+    assert small.conv.out_channels == small.conv.in_channels == 5 and small.conv.weight.shape == (5, 5, 3, 3)
+    kinds = {(m.kind, m.target) for m in fxslim.analyze(fxslim.trace(model, IMG)).group_of("a.0.weight", 0).members}
+    assert {("attr", "conv.out_channels"), ("attr", "conv.in_channels"), ("param", "conv.weight")} <= kinds
+    with torch.inference_mode():
+        assert small(IMG).shape == (2, 4, 16, 16)
 
 
 def test_cost_model_prices_function_forms_by_their_weights():
@@ -673,7 +698,7 @@ def test_timm_attention_oracles(fused, qk_norm):
     torch.manual_seed(0)
     model = Encoder(fused, qk_norm)
     for seed in range(2):
-        gm, cg, pruned = check_oracles(model, TOKENS, seed=seed, expect_prunable=3)
+        _gm, cg, pruned = check_oracles(model, TOKENS, seed=seed, expect_prunable=3)
         heads = cg.group_of("attn.qkv.weight", 0)
         assert heads.prunable and heads.size == 4 and not heads.stat
         assert heads is cg.group_of("attn.proj.weight", 1)

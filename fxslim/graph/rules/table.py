@@ -10,7 +10,7 @@ from torch import fx, nn
 
 from fxslim.graph.coupling import Builder
 from fxslim.graph.rules.base import Rule, register_rule
-from fxslim.graph.rules.common import _spatial_ops, elementwise, same_as_input
+from fxslim.graph.rules.common import elementwise, same_as_input
 from fxslim.graph.rules.layers import (
     couple_batchnorm,
     couple_conv,
