@@ -655,9 +655,13 @@ class TimmAttention(nn.Module):
     """timm's Attention: whole heads go (their q, k and v rows and their proj columns);
     head_dim and the softmax scale stay as they were."""
 
-    def __init__(self, dim=32, heads=4, fused=True, qk_norm=False):
+    def __init__(self, dim=32, heads=4, fused=True, qk_norm=False, rel_pos=0):
         super().__init__()
         self.num_heads, self.head_dim, self.fused = heads, dim // heads, fused
+        if rel_pos:  # Swin's relative-position bias: a (positions, heads) table gathered by index
+            self.table = nn.Parameter(torch.randn(2 * rel_pos - 1, heads))
+            pos = torch.arange(rel_pos)
+            self.register_buffer("index", (pos[:, None] - pos[None, :] + rel_pos - 1).flatten())
         self.scale = self.head_dim ** -0.5
         self.qkv, self.proj = nn.Linear(dim, dim * 3), nn.Linear(dim, dim)
         self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
@@ -672,15 +676,17 @@ class TimmAttention(nn.Module):
             x = F.scaled_dot_product_attention(q, k, v)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)
+            if hasattr(self, "table"):
+                attn = attn + self.table[self.index].view(N, N, -1).permute(2, 0, 1).unsqueeze(0)
             x = attn.softmax(dim=-1) @ v
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
 class Encoder(nn.Module):
-    def __init__(self, fused=True, qk_norm=False):
+    def __init__(self, fused=True, qk_norm=False, rel_pos=0):
         super().__init__()
         self.embed, self.norm = nn.Linear(12, 32), nn.LayerNorm(32)
-        self.attn = TimmAttention(fused=fused, qk_norm=qk_norm)
+        self.attn = TimmAttention(fused=fused, qk_norm=qk_norm, rel_pos=rel_pos)
         self.fc1, self.fc2, self.head = nn.Linear(32, 48), nn.Linear(48, 32), nn.Linear(32, 3)
 
     def forward(self, x):
@@ -693,15 +699,19 @@ class Encoder(nn.Module):
 TOKENS = torch.randn(2, 6, 12)
 
 
-@pytest.mark.parametrize("fused,qk_norm", [(True, False), (False, False), (True, True)])
-def test_timm_attention_oracles(fused, qk_norm):
+@pytest.mark.parametrize("fused,qk_norm,rel_pos", [(True, False, 0), (False, False, 0), (True, True, 0),
+                                                   (False, False, 6)])
+def test_timm_attention_oracles(fused, qk_norm, rel_pos):
     torch.manual_seed(0)
-    model = Encoder(fused, qk_norm)
+    model = Encoder(fused, qk_norm, rel_pos)
     for seed in range(2):
         _gm, cg, pruned = check_oracles(model, TOKENS, seed=seed, expect_prunable=3)
         heads = cg.group_of("attn.qkv.weight", 0)
         assert heads.prunable and heads.size == 4 and not heads.stat
         assert heads is cg.group_of("attn.proj.weight", 1)
+        if rel_pos:  # the bias table loses the removed heads' columns; its rows are no group
+            assert heads is cg.group_of("attn.table", 1) and cg.group_of("attn.table", 0) is None
+            assert pruned.attn.table.shape[1] == pruned.attn.qkv.weight.shape[0] // 24
         check_oracles(pruned, TOKENS, seed=seed + 10, expect_prunable=1)
 
 

@@ -56,6 +56,9 @@ MODELS = {
     # whole heads (fused qkv, reshape(B, N, 3, H, D), permute, unbind, SDPA)
     "deit_tiny_patch16_224": ("timm", (2, 3, 64, 64), 0.40, None, 4),
     "vit_tiny_patch16_224": ("timm", (2, 3, 64, 64), 0.40, None, 4),
+    # Swin at 64 px: windows clamped to the small stages, padded and sliced back; heads
+    # whole across the shifted windows and the relative-position bias table
+    "swin_tiny_patch4_window7_224": ("timm", (2, 3, 64, 64), 0.40, None, 2),
     "r3d_18": ("video", (1, 3, 4, 32, 32), 0.40, None, 2),
     "mc3_18": ("video", (1, 3, 4, 32, 32), 0.40, None, 2),
     # s3d's final AvgPool3d((2, 7, 7)) needs at least 14 frames of 209 x 209
@@ -67,7 +70,7 @@ def build(name: str):
     lib, shape, _, leaves, _ = MODELS[name]
     torch.manual_seed(0)
     if lib == "timm":
-        kw = {"img_size": shape[-1]} if "patch16" in name else {}
+        kw = {"img_size": shape[-1]} if "_224" in name else {}
         model = timm.create_model(name, pretrained=False, **kw).eval()
         head = model.pretrained_cfg["classifier"]
     else:

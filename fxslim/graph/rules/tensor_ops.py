@@ -105,7 +105,9 @@ def couple_unbind(b: Builder, node: fx.Node, mod=None, path=None) -> None:
 
 
 def couple_getitem(b: Builder, node: fx.Node, mod=None, path=None) -> None:
-    """getitem: picks a tuple element, or indexes a tensor with ints/slices/None/..."""
+    """getitem: picks a tuple element, or indexes a tensor with ints/slices/None/..., or
+    gathers rows with an integer index tensor (a relative-position bias table indexed by
+    its position index: the gathered dim stays whole, the dims after it pass through)."""
     x, idx = node.args
     xs = b.out.get(x)
     if xs is None:
@@ -115,9 +117,18 @@ def couple_getitem(b: Builder, node: fx.Node, mod=None, path=None) -> None:
         b.out[node] = xs[idx]
         return
     shape = _shape(node)
+    if isinstance(idx, fx.Node) and _is_int_tensor(idx):  # x[index]: a gather along dim 0
+        loc = f"gathered by an index tensor in {where(node, b.gm)}"
+        b.pin(xs[0], loc)
+        if x.op == "get_attr":  # a table's rows are positions, not channels
+            b.not_channels(x.target, 0, loc)
+        b.pin_struct(b.out.get(idx), loc)
+        n_idx = len(shape) - len(xs) + 1
+        b.out[node] = [b.new(shape[d], f"{node.name}:{d}", loc) for d in range(n_idx)] + list(xs[1:])
+        return
     if not isinstance(idx, tuple):
         idx = (idx,)
-    if any(isinstance(i, fx.Node) for i in idx):  # a computed index or an index tensor
+    if any(isinstance(i, fx.Node) for i in idx):  # a computed index or a mask
         couple_unknown(b, node, None)
         return
     n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
@@ -160,6 +171,12 @@ def couple_getitem(b: Builder, node: fx.Node, mod=None, path=None) -> None:
         d += 1
         od += 1
     b.out[node] = out
+
+
+def _is_int_tensor(n: fx.Node) -> bool:
+    tm = n.meta.get("tensor_meta")
+    return isinstance(tm, torch.fx.passes.shape_prop.TensorMetadata) and not tm.dtype.is_floating_point \
+        and not tm.dtype.is_complex and tm.dtype != torch.bool
 
 
 def _computed_bounds(i) -> bool:
