@@ -9,6 +9,7 @@ __all__ = [
     "PassContractError",
     "PinnedChannelsError",
     "PlanMismatchError",
+    "RuleError",
     "SaveLoadError",
     "TraceError",
     "UnsupportedOpError",
@@ -37,6 +38,11 @@ class PlanMismatchError(FxslimError):
 
 class PassContractError(FxslimError):
     """Pass author: a pass broke its contract (missing requirement, failed invariant)."""
+
+
+class RuleError(PassContractError):
+    """An op rule failed on an op it was registered for (a bug in the rule: the message
+    names the op, the module path and the node, and how to get past it)."""
 
 
 class ExportError(FxslimError):

@@ -8,8 +8,10 @@ from typing import Any
 
 from torch import fx, nn
 
+from fxslim.errors import FxslimError, RuleError
 from fxslim.graph import rules as R
-from fxslim.graph.coupling import Builder, ChannelGroup, CouplingGraph
+from fxslim.graph.coupling import Builder, ChannelGroup, CouplingGraph, where
+from fxslim.graph.shapes import node_shapes
 from fxslim.graph.trace import trace
 from fxslim.utils import gc_paused
 
@@ -53,21 +55,42 @@ def analyze(gm: fx.GraphModule) -> CouplingGraph:
             logger.info("no rule for %s; pinning what it touches", node.format_node())
             R.couple_unknown(b, node, mod, opaque.get(node.target) if mod is not None else None)
             continue
-        rule.couple(b, node, mod, node.target if mod is not None else None)
-        _note_attrs_and_literals(b, node, rule)
+        try:
+            rule.couple(b, node, mod, node.target if mod is not None else None)
+            if rule.fix_literals is not None:
+                for s in R.literal_spaces(b, node, rule):
+                    b.note(s, "literal", node.name, -1)
+        except FxslimError:
+            raise
+        except Exception as exc:
+            raise RuleError(
+                f"the rule for {where(node, gm)} failed ({type(exc).__name__}: {exc}).\n"
+                f"  node: {node.format_node()}\n  Way out: mark its module as a leaf (trace(..., "
+                f"leaf_paths=[...])) or replace the rule with register_rule; please report it."
+            ) from exc
+        if b.out.get(node) is None and isinstance(node_shapes(node), tuple):
+            # a tensor read out of something fxslim cannot see into (a leaf's ModelOutput)
+            b.out[node] = b.fresh(node_shapes(node), node.name,
+                                  f"{where(node, gm)} reads a tensor out of an output fxslim cannot follow")
+    b.flush_pending()
+    _note_attrs(b, modules)
     return b.finish()
 
 
-def _note_attrs_and_literals(b: Builder, node: fx.Node, rule: R.Rule) -> None:
-    """Report the module attributes and graph literals a prune rewrites as group members."""
-    attrs = rule.attrs(b.gm.get_submodule(node.target)) if callable(rule.attrs) else rule.attrs
-    for attr, param, dim in attrs:
-        s = b.member_space.get((f"{node.target}.{param}", dim))
-        if s is not None:
-            b.note(s, "attr", f"{node.target}.{attr}", dim)
-    if rule.fix_literals is not None:
-        for s in R.literal_spaces(b, node, rule):
-            b.note(s, "literal", node.name, -1)
+def _note_attrs(b: Builder, modules: dict[str, nn.Module]) -> None:
+    """Report the module attributes a prune rewrites as group members: those of every
+    module that owns a member, whichever form (module or function) used its parameters."""
+    for path in sorted(b.touched_modules):
+        mod = modules.get(path)
+        rule = R.rule_of_type(type(mod)) if mod is not None else None
+        if rule is None or rule.sync is None:
+            continue
+        attrs = rule.attrs(mod) if callable(rule.attrs) else rule.attrs
+        prefix = f"{path}." if path else ""
+        for attr, param, dim in attrs:
+            s = b.member_space.get((prefix + param, dim))
+            if s is not None:
+                b.note(s, "attr", prefix + attr, dim)
 
 
 def _tensor_args(b: Builder, node: fx.Node) -> list:

@@ -144,6 +144,14 @@ class Builder:
         self.links: list[tuple[int, np.ndarray, int, np.ndarray]] = []
         self.members: dict[int, list[Member]] = defaultdict(list)
         self.member_space: dict[tuple[str, int], int] = {}
+        # dims of tensors fetched by get_attr that no rule has claimed yet: they become
+        # "norm" members at the end unless a layer rule names their role or says they
+        # carry no channels (a kernel dim, a vocabulary)
+        self.pending: dict[tuple[str, int], str] = {}
+        # node name -> the weight whose kept share scales its MACs (conv, linear)
+        self.weights: dict[str, str] = {}
+        # splits of one dim into factors, coupled at the end (see `defer_split`)
+        self.splits: list[tuple[int, list[int], str]] = []
         self.out: dict[fx.Node, Any] = {}
         self.touched_modules: set[str] = set()
         # spaces whose size follows the input's shape (batch, spatial): graph size
@@ -213,10 +221,52 @@ class Builder:
         key = (target, dim)
         if key in self.member_space:  # a shared parameter couples its call sites
             self.union(self.member_space[key], s)
+            if self.pending.pop(key, None) is not None:  # fetched by get_attr: its role is known now
+                self.members[s].append(Member(kind, target, dim, role))
+                self.touched_modules.add(target.rsplit(".", 1)[0] if "." in target else "")
             return
         self.member_space[key] = s
         self.members[s].append(Member(kind, target, dim, role))
         self.touched_modules.add(target.rsplit(".", 1)[0] if "." in target else "")
+
+    def attr_dim(self, s: int, kind: str, target: str, dim: int) -> None:
+        """A dim of a tensor fetched by get_attr: a member unless a rule says otherwise."""
+        self.member_space[(target, dim)] = s
+        self.pending[(target, dim)] = kind
+
+    def not_channels(self, target: str, dim: int, reason: str) -> None:
+        """(target, dim) carries no channels (a kernel or vocabulary dim): never sliced."""
+        key = (target, dim)
+        self.pending.pop(key, None)
+        if key in self.member_space:
+            self.pin(self.member_space[key], reason)
+
+    def defer_split(self, src: int, factors: list[int], reason: str) -> None:
+        """`src` is split into `factors` (outermost first, row-major). One factor will carry
+        its channels: the outermost that is not pinned once every rule has run, so that
+        ops after the split (an unbind of q/k/v, a merge with another dim) decide it."""
+        self.splits.append((src, factors, reason))
+
+    def resolve_splits(self) -> None:
+        for src, factors, reason in self.splits:
+            sizes = [self.sizes[s] for s in factors]
+            cands = [k for k, s in enumerate(factors) if sizes[k] > 1 and not self.is_pinned(s)]
+            k = cands[0] if cands and not self.is_pinned(src) else 0
+            inner = int(np.prod(sizes[k + 1:]))
+            f = np.arange(self.sizes[src])
+            self.link(src, f, factors[k], (f // inner) % sizes[k])
+            for j, s in enumerate(factors):
+                if j != k:
+                    self.pin(s, reason)
+        self.splits.clear()
+
+    def flush_pending(self) -> None:
+        """Unclaimed get_attr dims become members (a layer scale, a class token)."""
+        for (target, dim), kind in self.pending.items():
+            s = self.member_space[(target, dim)]
+            self.members[s].append(Member(kind, target, dim, "norm"))
+            self.touched_modules.add(target.rsplit(".", 1)[0] if "." in target else "")
+        self.pending.clear()
 
     def note(self, s: int, kind: str, target: str, dim: int) -> None:
         """Record a module attribute or graph literal that follows space `s` (no slicing)."""
@@ -237,6 +287,8 @@ class Builder:
             self.pin(s, reason)
 
     def finish(self) -> CouplingGraph:
+        self.resolve_splits()
+        self.flush_pending()
         return CouplingGraph.build(self)
 
 

@@ -183,12 +183,18 @@ def trace(
             raise
         except Exception as exc:
             restore_mutated_buffers(snapshot)
-            where = tracer.failed_path or "<top level>"
+            where = tracer.failed_path
+            if where is None:  # the model's own forward: it cannot be a leaf of itself
+                way_out = ("trace the submodules that can be traced (wrap the rest as leaves in a "
+                           "module of your own), or pass concrete_args to fix Python control flow")
+            else:
+                way_out = (f"mark that module as a leaf (trace(..., leaf_paths=['{where}']) or "
+                           f"leaf_modules=[ItsClass]), or pass concrete_args to fix Python control flow")
             raise TraceError(
-                f"torch.fx cannot trace module '{where}' ({type(exc).__name__}: {exc}).\n"
+                f"torch.fx cannot trace {f'module {where!r}' if where else type(model).__name__ + '.forward'} "
+                f"({type(exc).__name__}: {exc}).\n"
                 f"  at {_user_frame(exc)}\n"
-                f"  Way out: mark that module as a leaf (trace(..., leaf_paths=['{where}']) or "
-                f"leaf_modules=[ItsClass]), or pass concrete_args to fix Python control flow."
+                f"  Way out: {way_out}."
             ) from exc
         name = type(model).__name__
         gm = _graph_module(root, graph, name)

@@ -4,8 +4,8 @@ Params are exact: a parameter's size after the plan is its size times, for each 
 plan slices, kept / original.
 
 MACs come from one forward under ``torch.utils.flop_counter`` per node, then scale with
-the plan: a Conv/Linear node by its weight's kept fraction (MACs = weight size x output
-positions, grouped convs included), a matmul-like node (matmul, bmm, einsum, F.linear)
+the plan: a Conv/Linear node, module or function form, by its weight's kept fraction
+(MACs = weight size x output positions, grouped convs included), a matmul-like node (matmul, bmm, einsum, F.linear)
 by the kept fraction of every distinct index set it touches, `nn.MultiheadAttention` by
 its projections' weight fraction and its attention part by the kept share of heads.
 """
@@ -25,10 +25,6 @@ from fxslim.graph.trace import as_input_tuple
 from fxslim.runtime.measure import no_mha_fastpath
 
 __all__ = ["CostModel"]
-
-_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-             nn.Linear)
-
 
 class CostModel:
     """Per-node MACs and per-parameter sizes of a traced module, to price plans quickly.
@@ -102,8 +98,9 @@ class CostModel:
         for name, (proj, attn) in self.node_macs.items():
             node = nodes[name]
             mod = modules.get(node.target) if node.op == "call_module" else None
-            if isinstance(mod, _WEIGHTED):
-                total += proj * self._kept_fraction(keep, f"{node.target}.weight")
+            weight = b.weights.get(name)  # conv / linear, module or function form
+            if weight is not None:
+                total += proj * self._kept_fraction(keep, weight)
             elif isinstance(mod, nn.MultiheadAttention):
                 heads = ratio(b.out[node.args[0]][-1])
                 total += proj * self._kept_fraction(keep, f"{node.target}.in_proj_weight") + attn * heads

@@ -26,10 +26,11 @@ from fxslim.errors import (
     PassContractError,
     PinnedChannelsError,
     PlanMismatchError,
+    RuleError,
     TraceError,
 )
 from fxslim.graph import rules as R
-from fxslim.graph.coupling import ChannelGroup, CouplingGraph, Member
+from fxslim.graph.coupling import ChannelGroup, CouplingGraph, Member, where
 from fxslim.graph.shapes import propagate_shapes
 from fxslim.graph.trace import as_input_tuple, compile_now, copy_structure
 from fxslim.passes.base import Pass, PassResult
@@ -201,7 +202,11 @@ def apply_plan(gm: fx.GraphModule, cg: CouplingGraph, plan: PrunePlan, example_i
         mod = modules.get(path)
         sync = R.sync_of(mod) if mod is not None else None
         if sync is not None:
-            sync(mod)
+            try:
+                sync(mod)
+            except Exception as exc:
+                raise RuleError(f"updating the size attributes of {type(mod).__name__} at '{path}' after "
+                                f"slicing failed ({type(exc).__name__}: {exc})") from exc
     _fix_literals(new, gm, cg, plan, modules)
     new.meta["fxslim_history"] = history
     new.meta["fxslim_keep"] = keep
@@ -270,7 +275,13 @@ def _fix_literals(new: fx.GraphModule, old: fx.GraphModule, cg: CouplingGraph, p
         if rule is None or rule.fix_literals is None:
             continue
         # always: a size argument may be computed from a pruned dim elsewhere in the graph
-        rule.fix_literals(node, new_sizes, kept, dynamic)
+        try:
+            rule.fix_literals(node, new_sizes, kept, dynamic)
+        except Exception as exc:
+            raise RuleError(
+                f"rewriting the sizes written in {where(node, new)} failed ({type(exc).__name__}: {exc}).\n"
+                f"  node: {node.format_node()}"
+            ) from exc
 
 
 def find_member(cg: CouplingGraph, gm: fx.GraphModule, layer: str) -> tuple[Member, list[ChannelGroup]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -400,3 +402,340 @@ def test_batch_of_one_stays_symbolic():
     assert "reshape(getitem, 14" in small.code or "reshape(n, 14" in small.code or ", 14, -1)" in small.code
     with torch.inference_mode():
         assert small(torch.randn(5, 3, 16, 16)).shape == (5, 3)
+
+
+# ---------------------------------------------------------------------------------------
+# function forms: the same layers reached through F.* with parameter operands (get_attr)
+
+
+class _BatchNorm(nn.BatchNorm2d):
+    """timm's BatchNormAct2d, minus the activation: F.batch_norm on its own tensors."""
+
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+class _InstanceNorm(nn.InstanceNorm2d):
+    def forward(self, x):
+        return F.instance_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                               not self.track_running_stats, 0.0, self.eps)
+
+
+def _traced_into(cls):
+    """A subclass defined outside torch.nn (fx traces into it) that keeps the forward."""
+    return type(f"Fn{cls.__name__}", (cls,), {"__module__": __name__})
+
+
+_FN = {c.__name__: _traced_into(c) for c in (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.Linear, nn.LayerNorm, nn.GroupNorm, nn.PReLU, nn.Embedding,
+)}
+_FN |= {"BatchNorm2d": _BatchNorm, "BatchNorm1d": _BatchNorm, "BatchNorm3d": _BatchNorm,
+        "InstanceNorm2d": _InstanceNorm}
+
+
+class Layers(nn.Module):
+    """Every layer with a module rule; with fn=True each is a subclass that fx traces into,
+    so the graph holds F.conv2d(x, c1.weight, ...), F.batch_norm(x, bn.running_mean, ...)."""
+
+    def __init__(self, fn: bool = False):
+        super().__init__()
+        L = _FN if fn else {k: getattr(nn, k) for k in _FN}
+        self.c1, self.bn, self.pr = L["Conv2d"](3, 16, 3, padding=1), L["BatchNorm2d"](16), L["PReLU"](16)
+        self.dw, self.gn = L["Conv2d"](16, 32, 3, padding=1, groups=16), L["GroupNorm"](4, 32)
+        self.gc = L["Conv2d"](32, 24, 1, groups=4)
+        self.inorm = L["InstanceNorm2d"](24, affine=True, track_running_stats=True)
+        self.gn1 = L["GroupNorm"](1, 24)  # one group: a statistic over every channel
+        self.ct = L["ConvTranspose2d"](24, 12, 2, stride=2)
+        self.c1d, self.bn1d, self.ct1d = L["Conv1d"](12, 10, 3), L["BatchNorm1d"](10), L["ConvTranspose1d"](10, 8, 3)
+        self.c3d, self.bn3d, self.ct3d = L["Conv3d"](8, 6, 1), L["BatchNorm3d"](6), L["ConvTranspose3d"](6, 4, 1)
+        self.ln, self.fc = L["LayerNorm"](4), L["Linear"](4, 5)
+
+    def forward(self, x):
+        y = self.pr(self.bn(self.c1(x)))
+        y = F.relu(self.gn(self.dw(y)))
+        y = self.gn1(self.inorm(self.gc(y)))
+        y = F.adaptive_avg_pool2d(self.ct(y), 4)
+        z = self.ct1d(self.bn1d(self.c1d(y.flatten(2))))
+        w = self.ct3d(self.bn3d(self.c3d(z[:, :, None, None, :])))
+        return self.fc(self.ln(w.mean((2, 3, 4))))
+
+
+class FnTokens(nn.Module):
+    """F.embedding, F.layer_norm and F.linear on module tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.ln = _FN["Embedding"](50, 16), _FN["LayerNorm"](16)
+        self.fc, self.fc2, self.head = _FN["Linear"](16, 32), _FN["Linear"](32, 16), _FN["Linear"](16, 3)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        x = x + self.fc2(F.gelu(self.fc(self.ln(x))))
+        return self.head(x)
+
+
+class FnPools(nn.Module):
+    """Every pooling function, 1d to 3d: channels pass through."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = cbr(3, 8), nn.Conv1d(8, 8, 1), nn.Conv3d(8, 8, 1)
+        self.fc = nn.Linear(8 * 8, 3)
+
+    def forward(self, x):
+        y = self.a(x)  # N, 8, 16, 16
+        y = (F.max_pool2d(y, 2) + F.avg_pool2d(y, 2) + F.lp_pool2d(y, 2, 2)
+             + F.adaptive_max_pool2d(y, 8) + F.adaptive_avg_pool2d(y, 8))
+        z = self.b(y.flatten(2))  # N, 8, 64
+        z = (F.max_pool1d(z, 2) + F.avg_pool1d(z, 2) + F.lp_pool1d(z, 2, 2)
+             + F.adaptive_max_pool1d(z, 32) + F.adaptive_avg_pool1d(z, 32))
+        w = self.c(z.view(z.shape[0], 8, 2, 4, 4))
+        w = (F.max_pool3d(w, (1, 2, 2)) + F.avg_pool3d(w, (1, 2, 2)) + F.lp_pool3d(w, 2, (1, 2, 2))
+             + F.adaptive_max_pool3d(w, (2, 2, 2)) + F.adaptive_avg_pool3d(w, (2, 2, 2)))
+        return self.fc(w.flatten(1))
+
+
+class SharedFn(nn.Module):
+    """One conv called as a module and, on its own weight, as F.conv2d: both forms slice
+    the same tensors, and the kept nn.Conv2d's attributes follow."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.conv, self.out = cbr(3, 8), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        y = F.relu(self.conv(y)) + y
+        return self.out(F.conv2d(y, self.conv.weight, self.conv.bias, padding=1))
+
+
+FN_CASES = {  # model, input, prunable groups at least, the function forms in its graph
+    "fn_layers": (lambda: Layers(fn=True), IMG, 6, {
+        F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+        F.batch_norm, F.instance_norm, F.layer_norm, F.group_norm, F.prelu, F.linear}),
+    "fn_tokens": (FnTokens, torch.randint(0, 50, (2, 8)), 2, {F.embedding, F.layer_norm, F.linear}),
+    "fn_pools": (FnPools, IMG, 3, {
+        F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+        F.lp_pool1d, F.lp_pool2d, F.lp_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+        F.adaptive_max_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d}),
+    "shared_fn": (SharedFn, IMG, 1, {F.conv2d}),
+}
+
+
+@pytest.mark.parametrize("name", list(FN_CASES))
+def test_function_form_oracles(name):
+    cls, x, n, functions = FN_CASES[name]
+    torch.manual_seed(0)
+    model = _randomise(cls())
+    gm = fxslim.trace(model, x)
+    assert functions <= {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    for seed in range(3):
+        _gm, _cg, pruned = check_oracles(model, x, seed=seed, expect_prunable=n)
+        check_oracles(pruned, x, seed=seed + 10, expect_prunable=1)  # prunes again
+
+
+def _structure(cg):
+    """Groups as (size, prunable, stat, sorted tensor members): comparable across forms."""
+    return sorted(
+        (g.size, g.prunable, g.stat, tuple(sorted((m.kind, m.target, m.dim, m.role) for m in g.members
+                                                  if m.kind in ("param", "buffer"))))
+        for g in cg.groups
+    )
+
+
+def test_function_and_module_forms_share_one_rule():
+    """The same layers as modules and as function forms: identical groups, member by member."""
+    torch.manual_seed(0)
+    mod = _randomise(Layers(fn=False)).eval()
+    fn = Layers(fn=True).eval()
+    fn.load_state_dict(mod.state_dict())
+    gm_mod, gm_fn = fxslim.trace(mod, IMG), fxslim.trace(fn, IMG)
+    assert F.conv_transpose3d in {n.target for n in gm_fn.graph.nodes}
+    assert not any(n.op == "call_function" and n.target is F.conv2d for n in gm_mod.graph.nodes)
+    s_mod, s_fn = _structure(fxslim.analyze(gm_mod)), _structure(fxslim.analyze(gm_fn))
+    assert s_fn == s_mod
+    # the roles name what changes: conv rows out, BN statistics norm, next conv columns in
+    cg = fxslim.analyze(gm_fn)
+    grp = cg.group_of("c1.weight", 0)
+    assert grp.root == fxslim.Member("param", "c1.weight", 0, "out")
+    assert {fxslim.Member("buffer", "bn.running_var", 0, "norm"), fxslim.Member("param", "pr.weight", 0, "norm")} \
+        <= set(grp.members)
+    assert cg.group_of("c1.weight", 2) is None  # a kernel dim is no channel group
+    with torch.inference_mode():
+        torch.testing.assert_close(gm_fn(IMG), gm_mod(IMG), rtol=1e-5, atol=1e-6)
+
+
+def test_function_form_rewrites_sizes_written_in_the_call():
+    """groups of F.conv2d and num_groups of F.group_norm follow whole removed groups;
+    F.layer_norm's normalized_shape follows its dim; modified is computed both ways."""
+    model = _randomise(Layers(fn=True)).eval()
+    gm = fxslim.trace(model, IMG)
+    cg = fxslim.analyze(gm)
+    assert PruneChannelsPass(cg, {}, IMG)(gm).modified is False
+    # dw has 16 conv groups of 2 (depthwise x2), gn 4 groups of 8: removing c1 channels
+    # 0..7 removes dw groups 0..7, i.e. gn groups 0 and 1
+    res = PruneChannelsPass(cg, {"c1": list(range(8))}, IMG)(gm)
+    assert res.modified is True
+    small = res.module
+    small.graph.lint()
+    node = {n.name: n for n in small.graph.nodes}
+    assert node["conv2d_1"].args[6] == 8 and small.dw.weight.shape == (16, 1, 3, 3)
+    assert node["group_norm"].args[1] == 2 and small.gn.weight.shape == (16,)
+    assert small.bn.running_mean.shape == (8,) and small.pr.weight.shape == (8,)
+    with torch.inference_mode():
+        assert small(IMG).shape == (2, 5)
+    res = PruneChannelsPass(cg, {"ct3d": [0]}, IMG)(gm)  # F.layer_norm(x, (4,)) -> (3,)
+    ln = next(n for n in res.module.graph.nodes if n.target is F.layer_norm)
+    assert tuple(ln.args[1]) == (3,)
+
+
+def test_kept_module_follows_a_function_form_of_its_weight():
+    model = _randomise(SharedFn()).eval()
+    small = fxslim.prune_channels(model, IMG, {"a.0": [1, 2, 5]})
+    assert small.conv.out_channels == small.conv.in_channels == 5 and small.conv.weight.shape == (5, 5, 3, 3)
+    kinds = {(m.kind, m.target) for m in fxslim.analyze(fxslim.trace(model, IMG)).group_of("a.0.weight", 0).members}
+    assert {("attr", "conv.out_channels"), ("attr", "conv.in_channels"), ("param", "conv.weight")} <= kinds
+    with torch.inference_mode():
+        assert small(IMG).shape == (2, 4, 16, 16)
+
+
+def test_cost_model_prices_function_forms_by_their_weights():
+    from fxslim.passes.estimate import CostModel
+    from fxslim.runtime.measure import count_macs
+
+    model = _randomise(Layers(fn=True)).eval()
+    x = IMG[:1]
+    gm = fxslim.trace(model, x)
+    cg = fxslim.analyze(gm)
+    removal = {g.id: list(range(g.size // 2)) for g in cg.groups if g.prunable}
+    plan = fxslim.make_plan(cg, removal)
+    small = fxslim.apply_plan(gm, cg, plan, x)
+    est = CostModel(gm, cg, x).macs(plan.keep, plan.class_removed)
+    assert est == pytest.approx(count_macs(small, x), rel=1e-6)
+
+
+class WeightStandardised(nn.Conv2d):
+    """A computed weight (timm's StdConv2d computes it): no rule guesses its channels."""
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight * self.gain, self.bias, self.stride, self.padding)
+
+
+class StdNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = cbr(3, 8)
+        self.std = WeightStandardised(8, 8, 3, padding=1)
+        self.std.gain = nn.Parameter(torch.rand(8, 1, 1, 1) + 0.5)
+        self.b, self.c = cbr(8, 8), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.c(self.b(self.std(self.a(x))))
+
+
+def test_computed_weight_operand_pins_with_reason():
+    model = StdNet().eval()
+    gm = fxslim.trace(model, IMG)
+    cg = fxslim.analyze(gm)
+    ga = cg.group_of("a.0.weight", 0)
+    assert not ga.prunable
+    assert "the weight of 'conv2d' at 'std'" in ga.reason and "is computed" in ga.reason
+    assert cg.group_of("b.0.weight", 0).prunable
+    with pytest.raises(fxslim.PinnedChannelsError, match="computed"):
+        fxslim.prune_channels(model, IMG, {"a.0": [0]})
+    check_oracles(model, IMG, expect_prunable=1)
+
+
+# ---------------------------------------------------------------------------------------
+# attention written the timm way: fused qkv, reshape(B, N, 3, H, D), permute, unbind
+
+
+class TimmAttention(nn.Module):
+    """timm's Attention: whole heads go (their q, k and v rows and their proj columns);
+    head_dim and the softmax scale stay as they were."""
+
+    def __init__(self, dim=32, heads=4, fused=True, qk_norm=False, rel_pos=0):
+        super().__init__()
+        self.num_heads, self.head_dim, self.fused = heads, dim // heads, fused
+        if rel_pos:  # Swin's relative-position bias: a (positions, heads) table gathered by index
+            self.table = nn.Parameter(torch.randn(2 * rel_pos - 1, heads))
+            pos = torch.arange(rel_pos)
+            self.register_buffer("index", (pos[:, None] - pos[None, :] + rel_pos - 1).flatten())
+        self.scale = self.head_dim ** -0.5
+        self.qkv, self.proj = nn.Linear(dim, dim * 3), nn.Linear(dim, dim)
+        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.fused:
+            x = F.scaled_dot_product_attention(q, k, v)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            if hasattr(self, "table"):
+                attn = attn + self.table[self.index].view(N, N, -1).permute(2, 0, 1).unsqueeze(0)
+            x = attn.softmax(dim=-1) @ v
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class Encoder(nn.Module):
+    def __init__(self, fused=True, qk_norm=False, rel_pos=0):
+        super().__init__()
+        self.embed, self.norm = nn.Linear(12, 32), nn.LayerNorm(32)
+        self.attn = TimmAttention(fused=fused, qk_norm=qk_norm, rel_pos=rel_pos)
+        self.fc1, self.fc2, self.head = nn.Linear(32, 48), nn.Linear(48, 32), nn.Linear(32, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        x = x + self.attn(self.norm(x))
+        x = x + self.fc2(F.gelu(self.fc1(x)))
+        return self.head(x.mean(1))
+
+
+TOKENS = torch.randn(2, 6, 12)
+
+
+@pytest.mark.parametrize("fused,qk_norm,rel_pos", [(True, False, 0), (False, False, 0), (True, True, 0),
+                                                   (False, False, 6)])
+def test_timm_attention_oracles(fused, qk_norm, rel_pos):
+    torch.manual_seed(0)
+    model = Encoder(fused, qk_norm, rel_pos)
+    for seed in range(2):
+        _gm, cg, pruned = check_oracles(model, TOKENS, seed=seed, expect_prunable=3)
+        heads = cg.group_of("attn.qkv.weight", 0)
+        assert heads.prunable and heads.size == 4 and not heads.stat
+        assert heads is cg.group_of("attn.proj.weight", 1)
+        if rel_pos:  # the bias table loses the removed heads' columns; its rows are no group
+            assert heads is cg.group_of("attn.table", 1) and cg.group_of("attn.table", 0) is None
+            assert pruned.attn.table.shape[1] == pruned.attn.qkv.weight.shape[0] // 24
+        check_oracles(pruned, TOKENS, seed=seed + 10, expect_prunable=1)
+
+
+def test_timm_attention_prunes_whole_heads():
+    torch.manual_seed(0)
+    model = Encoder().eval()
+    gm = fxslim.trace(model, TOKENS)
+    cg = fxslim.analyze(gm)
+    assert PruneChannelsPass(cg, {}, TOKENS)(gm).modified is False
+    head1 = [s * 32 + 8 + d for s in range(3) for d in range(8)]  # q, k and v rows of head 1
+    res = PruneChannelsPass(cg, {"attn.qkv": head1}, TOKENS)(gm)
+    assert res.modified is True
+    small = res.module
+    small.graph.lint()
+    assert small.attn.qkv.weight.shape == (72, 32) and small.attn.proj.weight.shape == (32, 24)
+    keep = [i for i in range(96) if i not in head1]
+    assert torch.equal(small.attn.qkv.weight, model.attn.qkv.weight.detach()[keep])
+    shapes = [n.args[1:] for n in small.graph.nodes if n.target == "reshape"]
+    assert shapes[0][2:] == (3, 3, 8) and shapes[1][2] == 24  # 3 heads of 8: head_dim stays
+    dead = copy.deepcopy(model)
+    with torch.no_grad():  # head 1 dead: zero q, k, v rows make its output exactly zero
+        dead.attn.qkv.weight[head1] = 0
+        dead.attn.qkv.bias[head1] = 0
+    with torch.inference_mode():
+        torch.testing.assert_close(small(TOKENS), dead(TOKENS), rtol=1e-5, atol=1e-6)
+    with pytest.raises(fxslim.PlanMismatchError, match="coupled"):
+        fxslim.prune_channels(model, TOKENS, {"attn.qkv": list(range(8, 16))})  # q rows only

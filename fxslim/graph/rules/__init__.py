@@ -8,13 +8,26 @@ per dim, nested lists for tuple outputs) and records members, identities and map
 An op with no entry is never guessed: the analysis pins every space it touches and the
 reason names the op and the module path. Users add entries with `register_rule`.
 
+A layer op has one rule for both of its forms, the module (``nn.Conv2d``) and the
+function with parameter operands (``F.conv2d(x, conv.weight, ...)``): `operands` reads
+either into the same `LayerOperands`.
+
 Layout: `base` (the Rule type, the table, lookups), `common` (helpers such as
-`elementwise`, graph inputs/outputs, unknown ops), `layers` (modules), `views`
-(reshapes, permutes), `tensor_ops` (concat, split, indexing, pooling, matmul), `table`
-(the registrations).
+`elementwise`, graph inputs/outputs, unknown ops), `operands` (a layer's operands in
+either form), `layers` (convs, linear, norms, embedding, attention), `views` (reshapes,
+permutes), `tensor_ops` (concat, split, indexing, pooling, matmul), `table` (the
+registrations).
 """
 
-from fxslim.graph.rules.base import RULES, SHAPE_QUERIES, Rule, lookup_rule, register_rule, sync_of
+from fxslim.graph.rules.base import (
+    RULES,
+    SHAPE_QUERIES,
+    Rule,
+    lookup_rule,
+    register_rule,
+    rule_of_type,
+    sync_of,
+)
 from fxslim.graph.rules.common import (
     couple_get_attr,
     couple_output,
@@ -37,6 +50,7 @@ __all__ = [
     "literal_spaces",
     "lookup_rule",
     "register_rule",
+    "rule_of_type",
     "same_as_input",
     "sync_of",
 ]

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-__all__ = ["RULES", "SHAPE_QUERIES", "Rule", "lookup_rule", "register_rule", "sync_of"]
+__all__ = ["RULES", "SHAPE_QUERIES", "Rule", "lookup_rule", "register_rule", "rule_of_type", "sync_of"]
 
 
 @dataclass(frozen=True)
@@ -83,10 +83,18 @@ def lookup_rule(node: fx.Node, mod: nn.Module | None) -> Rule | None:
     return None
 
 
+def rule_of_type(t: type) -> Rule | None:
+    """The first rule with an attribute sync along a module type's MRO: a subclass that
+    fx traces into (its parameters reach function forms) still owns its parent's
+    size attributes (``out_channels``, ``num_features`` ...)."""
+    for base in t.__mro__:
+        rule = RULES.get(base)
+        if rule is not None and rule.sync is not None:
+            return rule
+    return None
+
+
 def sync_of(mod: nn.Module) -> Callable | None:
     """The attribute-sync function for a module's type (inherited along the MRO)."""
-    for t in type(mod).__mro__:
-        rule = RULES.get(t)
-        if rule is not None and rule.sync is not None:
-            return rule.sync
-    return None
+    rule = rule_of_type(type(mod))
+    return rule.sync if rule is not None else None

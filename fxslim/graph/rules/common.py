@@ -130,7 +130,7 @@ def couple_get_attr(b: Builder, node: fx.Node) -> None:
         if s == 1:
             b.pin(sid, f"size-1 dim of '{node.target}'")
         else:
-            b.member(sid, kind, node.target, d, "norm")
+            b.attr_dim(sid, kind, node.target, d)
         out.append(sid)
     b.out[node] = out
 
@@ -150,7 +150,8 @@ def couple_output(b: Builder, node: fx.Node) -> None:
 
 
 def couple_unknown(b: Builder, node: fx.Node, mod: nn.Module | None, reason: str | None = None) -> None:
-    """No rule (or a module kept whole for `reason`): pin everything the op touches; its
+    """No rule, a module kept whole for `reason`, or a rule the op's operands defeat: pin
+    everything the op touches; its
     outputs are new pinned spaces."""
     reason = reason or f"no rule for {where(node, b.gm)}"
     for a in _flat_args(node):

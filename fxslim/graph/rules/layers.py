@@ -1,39 +1,59 @@
-"""Rules for layers (call_module): convolutions, linear, norms, embeddings, attention."""
+"""Rules for layers: convolutions, linear, norms, embeddings, PReLU, attention.
+
+Each layer rule serves both forms of its op: the module (``nn.Conv2d`` at 'conv1') and
+the function with parameter operands (``F.conv2d(x, conv1.weight, ...)``), through
+`layer_operands`. The module form's attributes are brought in line by the ``sync_*``
+functions (for any module that owns a sliced parameter, subclasses included); the
+function form's size arguments by the ``fix_*`` functions.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 from torch import fx, nn
 
 from fxslim.graph.coupling import Builder, where
 from fxslim.graph.rules.common import _arg, _dim, _fresh_struct, _shape, couple_unknown
+from fxslim.graph.rules.operands import FUNCTION_ARGS, layer_operands
 
 # ---------------------------------------------------------------------------------------
 # layers
 
+_NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
-def couple_conv(b: Builder, node: fx.Node, mod: nn.Module, path: str) -> None:
-    """Conv: out channels are new (weight rows); groups stay whole."""
-    x = node.args[0]
-    xs, shape = b.out[x], _shape(node)
-    nsp = mod.weight.dim() - 2
+
+def couple_conv(b: Builder, node: fx.Node, mod: nn.Module | None = None, path: str | None = None) -> None:
+    """Conv: out channels are new (weight rows), in channels are weight columns; conv
+    groups stay whole (group k reads in[k*ipg:(k+1)*ipg], writes out[k*opg:(k+1)*opg])."""
+    op = layer_operands(b, node, mod, path, ("weight", "bias"), ("groups",))
+    if op is None:
+        return
+    w = op.params["weight"]
+    xs, shape = b.out[op.x], _shape(node)
+    loc = where(node, b.gm)
+    nsp = len(w.shape) - 2
     cdim = len(shape) - nsp - 1
     out = list(xs[:cdim])
-    oc = b.new(shape[cdim], f"{path}:out")
-    b.module_members(oc, path, mod, [("weight", 0, "out"), ("bias", 0, "out")])
+    oc = b.new(shape[cdim], f"{op.label}:out")
+    op.member(b, oc, "weight", 0, "out")
+    op.member(b, oc, "bias", 0, "out")
+    op.not_channels(b, "weight", range(2, 2 + nsp), f"kernel dim of {loc}")
     out.append(oc)
-    spin = f"spatial dim of {where(node, b.gm)}"
-    out += [b.new(s, f"{path}:sp{d}", spin) for d, s in enumerate(shape[cdim + 1 :])]
+    out += [b.new(s, f"{op.label}:sp{d}", f"spatial dim of {loc}") for d, s in enumerate(shape[cdim + 1 :])]
     b.dynamic.update(out[cdim + 1 :])
     ic = xs[cdim]
-    g = mod.groups
+    g = op.settings["groups"]
     if g == 1:
-        b.member(ic, "param", f"{path}.weight", 1, "in")
-    else:  # conv group k reads in[k*ipg:(k+1)*ipg] and writes out[k*opg:(k+1)*opg]
-        ipg, opg = mod.in_channels // g, mod.out_channels // g
+        op.member(b, ic, "weight", 1, "in")
+    else:
+        ipg, opg = w.shape[1], w.shape[0] // g
+        op.not_channels(b, "weight", (1,), f"per-group input dim of {loc}")
         b.tie_blocks(ic, ipg)
         b.tie_blocks(oc, opg)
         b.link(ic, np.arange(g) * ipg, oc, np.arange(g) * opg)
+    b.weights[node.name] = w.target
     b.out[node] = out
 
 
@@ -45,22 +65,55 @@ def sync_conv(mod: nn.Module) -> None:
     mod.in_channels = mod.weight.shape[1] * mod.groups
 
 
-def couple_conv_transpose(b: Builder, node: fx.Node, mod: nn.Module, path: str) -> None:
-    """ConvTranspose: weight is (in, out/groups, k...); grouped ones are pinned."""
-    if mod.groups != 1:
-        couple_unknown(b, node, mod)
-        b.pin_struct(b.out[node], f"grouped {where(node, b.gm)} is not supported")
+def literal_dims_conv(b: Builder, node: fx.Node) -> list[int]:
+    """F.convNd(..., groups=g > 1): g is written in the call and follows the out channels."""
+    w = _arg(node, 1, "weight")
+    g = _arg(node, FUNCTION_ARGS[node.target].index("groups"), "groups", 1)
+    return [b.out[w][0]] if g != 1 and isinstance(w, fx.Node) and b.out.get(w) else []
+
+
+def fix_conv_groups(node: fx.Node, new_sizes: Callable, kept: Callable, dynamic: Callable) -> None:
+    """Whole conv groups went: the new group count is the new out channels over the old
+    per-group width."""
+    i = FUNCTION_ARGS[node.target].index("groups")
+    g = _arg(node, i, "groups", 1)
+    w = _arg(node, 1, "weight")
+    if g == 1 or not isinstance(w, fx.Node) or w.op != "get_attr":
         return
-    x = node.args[0]
-    xs, shape = b.out[x], _shape(node)
-    nsp = mod.weight.dim() - 2
+    opg = int(w.meta["tensor_meta"].shape[0]) // g
+    _set_arg(node, i, "groups", new_sizes(w, None)[0] // opg)
+
+
+def _set_arg(node: fx.Node, i: int, name: str, value) -> None:
+    if len(node.args) > i:
+        args = list(node.args)
+        args[i] = value
+        node.args = tuple(args)
+    else:
+        node.kwargs = {**node.kwargs, name: value}
+
+
+def couple_conv_transpose(b: Builder, node: fx.Node, mod: nn.Module | None = None, path: str | None = None) -> None:
+    """ConvTranspose: weight is (in, out/groups, k...); grouped ones are pinned."""
+    op = layer_operands(b, node, mod, path, ("weight", "bias"), ("groups",))
+    if op is None:
+        return
+    loc = where(node, b.gm)
+    if op.settings["groups"] != 1:
+        couple_unknown(b, node, mod, f"grouped {loc} is not supported")
+        return
+    w = op.params["weight"]
+    xs, shape = b.out[op.x], _shape(node)
+    nsp = len(w.shape) - 2
     cdim = len(shape) - nsp - 1
-    oc = b.new(shape[cdim], f"{path}:out")
-    b.module_members(oc, path, mod, [("weight", 1, "out"), ("bias", 0, "out")])
-    b.member(xs[cdim], "param", f"{path}.weight", 0, "in")
-    spin = f"spatial dim of {where(node, b.gm)}"
-    sp = [b.new(s, f"{path}:sp{d}", spin) for d, s in enumerate(shape[cdim + 1 :])]
+    oc = b.new(shape[cdim], f"{op.label}:out")
+    op.member(b, oc, "weight", 1, "out")
+    op.member(b, oc, "bias", 0, "out")
+    op.member(b, xs[cdim], "weight", 0, "in")
+    op.not_channels(b, "weight", range(2, 2 + nsp), f"kernel dim of {loc}")
+    sp = [b.new(s, f"{op.label}:sp{d}", f"spatial dim of {loc}") for d, s in enumerate(shape[cdim + 1 :])]
     b.dynamic.update(sp)
+    b.weights[node.name] = w.target
     b.out[node] = list(xs[:cdim]) + [oc] + sp
 
 
@@ -69,13 +122,21 @@ def sync_conv_transpose(mod: nn.Module) -> None:
     mod.out_channels = mod.weight.shape[1]
 
 
-def couple_linear(b: Builder, node: fx.Node, mod: nn.Module, path: str) -> None:
+def couple_linear(b: Builder, node: fx.Node, mod: nn.Module | None = None, path: str | None = None) -> None:
     """Linear: last dim of input is consumed (weight columns), a new last dim is produced."""
-    x = node.args[0]
-    xs, shape = b.out[x], _shape(node)
-    b.member(xs[-1], "param", f"{path}.weight", 1, "in")
-    oc = b.new(shape[-1], f"{path}:out")
-    b.module_members(oc, path, mod, [("weight", 0, "out"), ("bias", 0, "out")])
+    op = layer_operands(b, node, mod, path, ("weight", "bias"))
+    if op is None:
+        return
+    w = op.params["weight"]
+    xs, shape = b.out[op.x], _shape(node)
+    if len(w.shape) != 2:  # F.linear with a 1-d weight: a dot product over channels
+        couple_unknown(b, node, mod, f"{where(node, b.gm)} with a {len(w.shape)}-d weight")
+        return
+    op.member(b, xs[-1], "weight", 1, "in")
+    oc = b.new(shape[-1], f"{op.label}:out")
+    op.member(b, oc, "weight", 0, "out")
+    op.member(b, oc, "bias", 0, "out")
+    b.weights[node.name] = w.target
     b.out[node] = list(xs[:-1]) + [oc]
 
 
@@ -83,15 +144,20 @@ def sync_linear(mod: nn.Module) -> None:
     mod.out_features, mod.in_features = mod.weight.shape
 
 
-def couple_batchnorm(b: Builder, node: fx.Node, mod: nn.Module, path: str) -> None:
-    """BatchNorm: per-channel affine and running statistics on dim 1."""
-    x = node.args[0]
-    b.out[node] = list(b.out[x])
-    c = b.out[x][1]
-    b.module_members(
-        c, path, mod,
-        [("weight", 0, "norm"), ("bias", 0, "norm"), ("running_mean", 0, "norm"), ("running_var", 0, "norm")],
-    )
+def _per_channel(b: Builder, node: fx.Node, op, cdim: int) -> None:
+    """Output = input; every norm tensor present is per channel of dim `cdim`."""
+    xs = b.out[op.x]
+    b.out[node] = list(xs)
+    for name in _NORM_TENSORS:
+        op.member(b, xs[cdim], name, 0, "norm")
+
+
+def couple_batchnorm(b: Builder, node: fx.Node, mod: nn.Module | None = None, path: str | None = None) -> None:
+    """BatchNorm: per-channel affine and running statistics on dim 1 (batch statistics in
+    training are over N and space, per channel)."""
+    op = layer_operands(b, node, mod, path, _NORM_TENSORS)
+    if op is not None:
+        _per_channel(b, node, op, 1)
 
 
 def sync_batchnorm(mod: nn.Module) -> None:
@@ -100,31 +166,42 @@ def sync_batchnorm(mod: nn.Module) -> None:
         mod.num_features = t.shape[0]
 
 
-def couple_instancenorm(b: Builder, node: fx.Node, mod: nn.Module, path: str) -> None:
-    """InstanceNorm: statistics over spatial dims only; per-channel affine on the channel dim."""
-    x = node.args[0]
-    xs = b.out[x]
-    nsp = {nn.InstanceNorm1d: 1, nn.InstanceNorm2d: 2, nn.InstanceNorm3d: 3}[type(mod)]
-    c = xs[len(xs) - nsp - 1]
-    b.out[node] = list(xs)
-    b.module_members(
-        c, path, mod,
-        [("weight", 0, "norm"), ("bias", 0, "norm"), ("running_mean", 0, "norm"), ("running_var", 0, "norm")],
-    )
+_INSTANCE_NORMS = ((nn.InstanceNorm1d, 1), (nn.InstanceNorm2d, 2), (nn.InstanceNorm3d, 3))
 
 
-def couple_layernorm(b: Builder, node: fx.Node, mod: nn.Module, path: str) -> None:
-    """LayerNorm: normalises (a statistic) over the last dims; affine on them."""
-    x = node.args[0]
-    xs = b.out[x]
+def couple_instancenorm(b: Builder, node: fx.Node, mod: nn.Module | None = None, path: str | None = None) -> None:
+    """InstanceNorm: statistics over spatial dims only; per-channel affine on the channel dim
+    (the module also takes unbatched inputs; the function needs a batch dim)."""
+    op = layer_operands(b, node, mod, path, _NORM_TENSORS)
+    if op is None:
+        return
+    cdim = 1
+    if mod is not None:
+        nsp = next(n for cls, n in _INSTANCE_NORMS if isinstance(mod, cls))
+        cdim = len(b.out[op.x]) - nsp - 1
+    _per_channel(b, node, op, cdim)
+
+
+def couple_layernorm(b: Builder, node: fx.Node, mod: nn.Module | None = None, path: str | None = None) -> None:
+    """LayerNorm: normalises (a statistic) over the last dims; affine on them. Over one dim
+    its channels go one by one; over several, the dims are pinned."""
+    op = layer_operands(b, node, mod, path, ("weight", "bias"), ("normalized_shape",))
+    if op is None:
+        return
+    xs = b.out[op.x]
     b.out[node] = list(xs)
-    nd = len(mod.normalized_shape)
+    ns = op.settings["normalized_shape"]
+    nd = 1 if isinstance(ns, int) else len(ns)
+    for i in range(nd):
+        for name in ("weight", "bias"):
+            op.member(b, xs[len(xs) - nd + i], name, i, "norm")
+    loc = where(node, b.gm)
     if nd != 1:
         for s in xs[-nd:]:
-            b.pin(s, f"{where(node, b.gm)} normalises over several dims")
-        return
+            b.pin(s, f"{loc} normalises over several dims")
+    elif not op.function and "weight" not in op.params:
+        b.pin(xs[-1], f"{loc} has no affine parameters to follow a pruned normalized_shape")
     b.mark_stat(xs[-1])
-    b.module_members(xs[-1], path, mod, [("weight", 0, "norm"), ("bias", 0, "norm")])
 
 
 def sync_layernorm(mod: nn.Module) -> None:
@@ -132,21 +209,57 @@ def sync_layernorm(mod: nn.Module) -> None:
         mod.normalized_shape = (mod.weight.shape[0],)
 
 
-def couple_groupnorm(b: Builder, node: fx.Node, mod: nn.Module, path: str) -> None:
-    """GroupNorm: whole groups go (their statistics are their own), so no other group changes."""
-    x = node.args[0]
-    xs = b.out[x]
+def literal_dims_layer_norm(b: Builder, node: fx.Node) -> list[int]:
+    ns = _arg(node, 1, "normalized_shape")
+    return [b.out[node.args[0]][-1]] if isinstance(ns, int) or len(ns) == 1 else []
+
+
+def fix_layer_norm_fn(node: fx.Node, new_sizes: Callable, kept: Callable, dynamic: Callable) -> None:
+    """F.layer_norm over one dim: normalized_shape is that dim's new size."""
+    ns = _arg(node, 1, "normalized_shape")
+    if isinstance(ns, int) or len(ns) == 1:
+        _set_arg(node, 1, "normalized_shape", (new_sizes(node.args[0], None)[-1],))
+
+
+def couple_groupnorm(b: Builder, node: fx.Node, mod: nn.Module | None = None, path: str | None = None) -> None:
+    """GroupNorm: whole groups go (their statistics are their own), so no other group
+    changes; with one group the statistic spans every channel (like LayerNorm): channels
+    go one by one, through a statistic."""
+    op = layer_operands(b, node, mod, path, ("weight", "bias"), ("num_groups",))
+    if op is None:
+        return
+    xs = b.out[op.x]
     b.out[node] = list(xs)
-    c = xs[1]
-    b.tie_blocks(c, mod.num_channels // mod.num_groups)
-    b.module_members(c, path, mod, [("weight", 0, "norm"), ("bias", 0, "norm")])
+    c, g = xs[1], op.settings["num_groups"]
+    if g == 1:
+        b.mark_stat(c)
+    else:
+        b.tie_blocks(c, _shape(op.x)[1] // g)
+        if not op.function and "weight" not in op.params:
+            b.pin(c, f"{where(node, b.gm)} has no affine parameters to follow a pruned num_groups")
+    for name in ("weight", "bias"):
+        op.member(b, c, name, 0, "norm")
 
 
 def sync_groupnorm(mod: nn.Module) -> None:
     if mod.weight is not None:
-        cpg = mod.num_channels // mod.num_groups
-        mod.num_channels = mod.weight.shape[0]
-        mod.num_groups = mod.num_channels // cpg
+        c = mod.weight.shape[0]
+        if mod.num_groups > 1:  # whole groups went: the per-group width is unchanged
+            mod.num_groups = c // (mod.num_channels // mod.num_groups)
+        mod.num_channels = c
+
+
+def literal_dims_group_norm(b: Builder, node: fx.Node) -> list[int]:
+    return [b.out[node.args[0]][1]] if _arg(node, 1, "num_groups") != 1 else []
+
+
+def fix_group_norm_fn(node: fx.Node, new_sizes: Callable, kept: Callable, dynamic: Callable) -> None:
+    """F.group_norm(x, g > 1): whole groups went, the per-group width is unchanged."""
+    g = _arg(node, 1, "num_groups")
+    if g != 1:
+        x = node.args[0]
+        cpg = int(x.meta["tensor_meta"].shape[1]) // g
+        _set_arg(node, 1, "num_groups", new_sizes(x, None)[1] // cpg)
 
 
 def couple_stat_dim(b: Builder, node: fx.Node, mod=None, path=None) -> None:
@@ -166,25 +279,35 @@ def couple_stat_dim(b: Builder, node: fx.Node, mod=None, path=None) -> None:
     b.mark_stat(xs[_dim(d, len(xs))])
 
 
-def couple_prelu(b: Builder, node: fx.Node, mod: nn.Module, path: str) -> None:
-    x = node.args[0]
-    xs = b.out[x]
+def couple_prelu(b: Builder, node: fx.Node, mod: nn.Module | None = None, path: str | None = None) -> None:
+    """PReLU: one slope per channel (dim 1, or dim 0 unbatched), or one shared slope."""
+    op = layer_operands(b, node, mod, path, ("weight",))
+    if op is None:
+        return
+    xs = b.out[op.x]
     b.out[node] = list(xs)
-    if mod.num_parameters > 1:
-        b.member(xs[1 if len(xs) > 1 else 0], "param", f"{path}.weight", 0, "norm")
+    w = op.params.get("weight")
+    if w is not None and w.shape[0] > 1:
+        op.member(b, xs[1 if len(xs) > 1 else 0], "weight", 0, "norm")
 
 
 def sync_prelu(mod: nn.Module) -> None:
     mod.num_parameters = mod.weight.shape[0]
 
 
-def couple_embedding(b: Builder, node: fx.Node, mod: nn.Module, path: str) -> None:
-    """Embedding: index dims pass through, a new last dim (weight columns) is produced."""
-    x = node.args[0]
+def couple_embedding(b: Builder, node: fx.Node, mod: nn.Module | None = None, path: str | None = None) -> None:
+    """Embedding: index dims pass through, a new last dim (weight columns) is produced; a
+    max_norm renormalises rows by their norm over that dim (a statistic)."""
+    op = layer_operands(b, node, mod, path, ("weight",), ("max_norm",))
+    if op is None:
+        return
     shape = _shape(node)
-    e = b.new(shape[-1], f"{path}:out")
-    b.member(e, "param", f"{path}.weight", 1, "out")
-    b.out[node] = list(b.out[x]) + [e]
+    e = b.new(shape[-1], f"{op.label}:out")
+    op.member(b, e, "weight", 1, "out")
+    op.not_channels(b, "weight", (0,), f"vocabulary of {where(node, b.gm)}")
+    if op.settings["max_norm"] is not None:
+        b.mark_stat(e)
+    b.out[node] = list(b.out[op.x]) + [e]
 
 
 def sync_embedding(mod: nn.Module) -> None:

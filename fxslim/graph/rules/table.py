@@ -10,7 +10,7 @@ from torch import fx, nn
 
 from fxslim.graph.coupling import Builder
 from fxslim.graph.rules.base import Rule, register_rule
-from fxslim.graph.rules.common import _spatial_ops, elementwise, same_as_input
+from fxslim.graph.rules.common import elementwise, same_as_input
 from fxslim.graph.rules.layers import (
     couple_batchnorm,
     couple_conv,
@@ -23,6 +23,12 @@ from fxslim.graph.rules.layers import (
     couple_mha,
     couple_prelu,
     couple_stat_dim,
+    fix_conv_groups,
+    fix_group_norm_fn,
+    fix_layer_norm_fn,
+    literal_dims_conv,
+    literal_dims_group_norm,
+    literal_dims_layer_norm,
     sync_batchnorm,
     sync_conv,
     sync_conv_transpose,
@@ -42,21 +48,18 @@ from fxslim.graph.rules.tensor_ops import (
     couple_einsum,
     couple_getitem,
     couple_interpolate,
-    couple_layer_norm_fn,
-    couple_linear_fn,
     couple_matmul,
     couple_pad,
     couple_pixel_shuffle,
     couple_pixel_unshuffle,
+    couple_roll,
     couple_sdpa,
     couple_split,
     couple_stack,
     couple_unbind,
     fix_getitem,
-    fix_layer_norm_fn,
     fix_split,
     literal_dims_getitem,
-    literal_dims_layer_norm,
     literal_dims_split,
 )
 from fxslim.graph.rules.views import (
@@ -117,34 +120,56 @@ def _CONV_ATTRS(mod: nn.Module) -> tuple:
         return (("out_channels", "weight", 0), ("in_channels", "weight", 1))
     return (("out_channels", "weight", 0), ("groups", "weight", 0), ("in_channels", "weight", 0))
 _NORM_ATTRS = (("num_features", "weight", 0), ("num_features", "running_mean", 0))
+
+# Layers: one rule per op serves the module and the function form (parameter operands
+# are get_attr nodes); modules get `sync`, functions `fix_literals` for sizes they encode.
 for _c in (nn.Conv1d, nn.Conv2d, nn.Conv3d):  # out = new space; in = weight columns
     register_rule(_c, couple_conv, sync_conv, attrs=_CONV_ATTRS)
+for _f in (F.conv1d, F.conv2d, F.conv3d):
+    register_rule(_f, couple_conv, fix_literals=fix_conv_groups)
 for _c in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
     register_rule(_c, couple_conv_transpose, sync_conv_transpose,
                   attrs=(("in_channels", "weight", 0), ("out_channels", "weight", 1)))
+for _f in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d):
+    register_rule(_f, couple_conv_transpose)
 register_rule(nn.Linear, couple_linear, sync_linear,
               attrs=(("out_features", "weight", 0), ("in_features", "weight", 1)))  # last dim: in -> new out
+register_rule(F.linear, couple_linear)
 for _c in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm):
     register_rule(_c, couple_batchnorm, sync_batchnorm, attrs=_NORM_ATTRS)  # per-channel affine, stats
+register_rule(F.batch_norm, couple_batchnorm)
 for _c in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
     register_rule(_c, couple_instancenorm, sync_batchnorm, attrs=_NORM_ATTRS)
+register_rule(F.instance_norm, couple_instancenorm)
 register_rule(nn.LayerNorm, couple_layernorm, sync_layernorm, attrs=(("normalized_shape", "weight", 0),))  # stat over last dim
+register_rule(F.layer_norm, couple_layernorm, fix_literals=fix_layer_norm_fn)
 register_rule(nn.GroupNorm, couple_groupnorm, sync_groupnorm,
               attrs=(("num_channels", "weight", 0), ("num_groups", "weight", 0)))  # whole groups
+register_rule(F.group_norm, couple_groupnorm, fix_literals=fix_group_norm_fn)
 for _c in (nn.Softmax, nn.LogSoftmax, nn.LocalResponseNorm, nn.CrossMapLRN2d):
     register_rule(_c, couple_stat_dim)  # shape-preserving statistic over one dim
 register_rule(nn.PReLU, couple_prelu, sync_prelu, attrs=(("num_parameters", "weight", 0),))
+register_rule(F.prelu, couple_prelu)
 register_rule(nn.Embedding, couple_embedding, sync_embedding, attrs=(("embedding_dim", "weight", 1),))
+register_rule(F.embedding, couple_embedding)
 register_rule(nn.MultiheadAttention, couple_mha, sync_mha,
               attrs=(("embed_dim", "in_proj_weight", 1), ("num_heads", "in_proj_weight", 1)))  # whole heads
-for _n, _cs in ((1, (nn.MaxPool1d, nn.AvgPool1d, nn.LPPool1d, nn.ConstantPad1d, nn.ZeroPad1d, nn.ReflectionPad1d, nn.ReplicationPad1d)),
-                (2, (nn.MaxPool2d, nn.AvgPool2d, nn.LPPool2d, nn.ConstantPad2d, nn.ZeroPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d)),
-                (3, (nn.MaxPool3d, nn.AvgPool3d, nn.ConstantPad3d, nn.ZeroPad3d, nn.ReflectionPad3d, nn.ReplicationPad3d))):
-    for _c in _cs:  # channels pass through, spatial dims are new
-        register_rule(_c, _pool(_n))
-for _c in (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-           nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d):
-    register_rule(_c, couple_adaptive_pool)
+_POOLS_AND_PADS = {
+    1: (nn.MaxPool1d, nn.AvgPool1d, nn.LPPool1d, nn.ConstantPad1d, nn.ZeroPad1d, nn.ReflectionPad1d,
+        nn.ReplicationPad1d, F.max_pool1d, F.avg_pool1d, F.lp_pool1d),
+    2: (nn.MaxPool2d, nn.AvgPool2d, nn.LPPool2d, nn.ConstantPad2d, nn.ZeroPad2d, nn.ReflectionPad2d,
+        nn.ReplicationPad2d, F.max_pool2d, F.avg_pool2d, F.lp_pool2d),
+    3: (nn.MaxPool3d, nn.AvgPool3d, nn.LPPool3d, nn.ConstantPad3d, nn.ZeroPad3d, nn.ReflectionPad3d,
+        nn.ReplicationPad3d, F.max_pool3d, F.avg_pool3d, F.lp_pool3d),
+}
+for _n, _ks in _POOLS_AND_PADS.items():
+    for _k in _ks:  # channels pass through, spatial dims are new
+        register_rule(_k, _pool(_n))
+for _k in (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+           nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+           F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+           F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d):
+    register_rule(_k, couple_adaptive_pool)
 for _c in (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d):
     register_rule(_c, couple_interpolate)
 register_rule(nn.PixelShuffle, couple_pixel_shuffle)  # c <- c*r^2 .. (c+1)*r^2
@@ -153,17 +178,10 @@ register_rule(nn.ChannelShuffle, couple_channel_shuffle)  # out[j*g+i] = in[i*cp
 register_rule(nn.Flatten, couple_reshape)  # strided merge
 register_rule(nn.Unflatten, couple_reshape)
 
-for _f in (F.max_pool1d, F.avg_pool1d):
-    register_rule(_f, _spatial_ops(1))
-for _f in (F.max_pool2d, F.avg_pool2d, F.lp_pool2d):
-    register_rule(_f, _spatial_ops(2))
-for _f in (F.max_pool3d, F.avg_pool3d):
-    register_rule(_f, _spatial_ops(3))
-for _f in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
-           F.adaptive_max_pool2d):
-    register_rule(_f, couple_adaptive_pool)
 register_rule(F.interpolate, couple_interpolate)
 register_rule(F.pad, couple_pad)
+for _k in (torch.roll, "method:roll"):
+    register_rule(_k, couple_roll)  # rolled dims stay whole, the others pass through
 register_rule(F.pixel_shuffle, couple_pixel_shuffle)
 register_rule(F.pixel_unshuffle, couple_pixel_unshuffle)
 register_rule(torch.pixel_shuffle, couple_pixel_shuffle)
@@ -173,8 +191,6 @@ register_rule(F.log_softmax, couple_stat_dim)
 register_rule(torch.softmax, couple_stat_dim)
 register_rule("method:softmax", couple_stat_dim)
 register_rule("method:log_softmax", couple_stat_dim)
-register_rule(F.linear, couple_linear_fn)
-register_rule(F.layer_norm, couple_layer_norm_fn, fix_literals=fix_layer_norm_fn)
 register_rule(F.scaled_dot_product_attention, couple_sdpa)
 
 register_rule(torch.cat, couple_cat)  # inputs at offsets
@@ -213,6 +229,8 @@ _LITERAL_DIMS = {
     fix_getitem: literal_dims_getitem,
     fix_shape_args: literal_dims_shape,
     fix_layer_norm_fn: literal_dims_layer_norm,
+    fix_group_norm_fn: literal_dims_group_norm,
+    fix_conv_groups: literal_dims_conv,
 }
 
 

@@ -19,6 +19,7 @@ from fxslim.graph.rules.common import (
     _spatial_ops,
     couple_unknown,
 )
+from fxslim.graph.rules.operands import layer_operands
 
 # ---------------------------------------------------------------------------------------
 # structural tensor ops
@@ -104,7 +105,9 @@ def couple_unbind(b: Builder, node: fx.Node, mod=None, path=None) -> None:
 
 
 def couple_getitem(b: Builder, node: fx.Node, mod=None, path=None) -> None:
-    """getitem: picks a tuple element, or indexes a tensor with ints/slices/None/..."""
+    """getitem: picks a tuple element, or indexes a tensor with ints/slices/None/..., or
+    gathers rows with an integer index tensor (a relative-position bias table indexed by
+    its position index: the gathered dim stays whole, the dims after it pass through)."""
     x, idx = node.args
     xs = b.out.get(x)
     if xs is None:
@@ -114,11 +117,18 @@ def couple_getitem(b: Builder, node: fx.Node, mod=None, path=None) -> None:
         b.out[node] = xs[idx]
         return
     shape = _shape(node)
+    if isinstance(idx, fx.Node) and _is_int_tensor(idx):  # x[index]: a gather along dim 0
+        loc = f"gathered by an index tensor in {where(node, b.gm)}"
+        b.pin(xs[0], loc)
+        if x.op == "get_attr":  # a table's rows are positions, not channels
+            b.not_channels(x.target, 0, loc)
+        b.pin_struct(b.out.get(idx), loc)
+        n_idx = len(shape) - len(xs) + 1
+        b.out[node] = [b.new(shape[d], f"{node.name}:{d}", loc) for d in range(n_idx)] + list(xs[1:])
+        return
     if not isinstance(idx, tuple):
         idx = (idx,)
-    if any(isinstance(i, fx.Node) for i in idx) or any(
-        isinstance(i, slice) and any(isinstance(v, fx.Node) for v in (i.start, i.stop, i.step)) for i in idx
-    ):
+    if any(isinstance(i, fx.Node) for i in idx):  # a computed index or a mask
         couple_unknown(b, node, None)
         return
     n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
@@ -139,6 +149,14 @@ def couple_getitem(b: Builder, node: fx.Node, mod=None, path=None) -> None:
             b.pin(xs[d], f"indexed by a constant in {where(node, b.gm)}")
             d += 1
             continue
+        if _computed_bounds(i):  # x[:, :H] with H from a shape: that dim stays whole
+            loc = f"sliced by a computed bound in {where(node, b.gm)}"
+            b.pin(xs[d], loc)
+            out.append(b.new(shape[od], f"{node.name}:{od}", loc))
+            b.dynamic.add(out[-1])
+            d += 1
+            od += 1
+            continue
         n_in = _shape(x)[d]
         start, stop, step = i.indices(n_in)
         if (start, stop, step) == (0, n_in, 1):
@@ -155,6 +173,16 @@ def couple_getitem(b: Builder, node: fx.Node, mod=None, path=None) -> None:
     b.out[node] = out
 
 
+def _is_int_tensor(n: fx.Node) -> bool:
+    tm = n.meta.get("tensor_meta")
+    return isinstance(tm, torch.fx.passes.shape_prop.TensorMetadata) and not tm.dtype.is_floating_point \
+        and not tm.dtype.is_complex and tm.dtype != torch.bool
+
+
+def _computed_bounds(i) -> bool:
+    return isinstance(i, slice) and any(isinstance(v, fx.Node) for v in (i.start, i.stop, i.step))
+
+
 def literal_dims_getitem(b: Builder, node: fx.Node) -> list[int]:
     x, idx = node.args
     if not _is_tensor(b, x):
@@ -166,7 +194,7 @@ def literal_dims_getitem(b: Builder, node: fx.Node) -> list[int]:
         if i is Ellipsis:
             d += len(xs) - n_real
         elif i is not None:
-            if isinstance(i, slice) and (i.start, i.stop, i.step) != (None, None, None):
+            if isinstance(i, slice) and (i.start, i.stop, i.step) != (None, None, None) and not _computed_bounds(i):
                 out.append(xs[d])
             d += 1
     return out
@@ -189,7 +217,7 @@ def fix_getitem(node: fx.Node, new_sizes: Callable, kept: Callable, dynamic: Cal
         if i is None:
             new.append(i)
             continue
-        if isinstance(i, slice):
+        if isinstance(i, slice) and not _computed_bounds(i):  # computed bounds: on a pinned dim
             mask = kept(x, d)
             start, stop, step = i.indices(in_shape[d])
             if mask is not None and (start, stop, step) != (0, in_shape[d], 1):
@@ -223,33 +251,47 @@ def _reduce(stat: bool):
     return couple
 
 
+_ADAPTIVE_NSP = {
+    F.adaptive_avg_pool1d: 1, F.adaptive_max_pool1d: 1, nn.AdaptiveAvgPool1d: 1, nn.AdaptiveMaxPool1d: 1,
+    F.adaptive_avg_pool2d: 2, F.adaptive_max_pool2d: 2, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveMaxPool2d: 2,
+    F.adaptive_avg_pool3d: 3, F.adaptive_max_pool3d: 3, nn.AdaptiveAvgPool3d: 3, nn.AdaptiveMaxPool3d: 3,
+}
+
+
 def couple_adaptive_pool(b: Builder, node: fx.Node, mod=None, path=None) -> None:
-    x = node.args[0]
-    nd = len(_shape(node))
-    if mod is not None:
-        osz = mod.output_size
-    else:
-        osz = _arg(node, 1, "output_size")
-    nsp = len(osz) if isinstance(osz, (tuple, list)) else {
-        F.adaptive_avg_pool1d: 1, F.adaptive_max_pool1d: 1,
-        F.adaptive_avg_pool3d: 3, F.adaptive_max_pool3d: 3,
-    }.get(node.target, 2)
-    if mod is not None:
-        nsp = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveMaxPool1d: 1, nn.AdaptiveAvgPool3d: 3,
-               nn.AdaptiveMaxPool3d: 3}.get(type(mod), 2)
-    _keep_except(b, node, x, {d: 0 for d in range(nd - nsp, nd)}, f"spatial dim of {where(node, b.gm)}")
-    if isinstance(b.out[node], list) and isinstance(mod, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)) and mod.return_indices:
-        couple_unknown(b, node, mod)
+    """Adaptive pools (module or function): channels pass through, the pooled dims are new."""
+    key = node.target if mod is None else next(t for t in type(mod).__mro__ if t in _ADAPTIVE_NSP)
+    _pool(_ADAPTIVE_NSP[key])(b, node, mod, path)
 
 
 def _pool(nsp: int):
     def couple(b: Builder, node: fx.Node, mod=None, path=None) -> None:
-        if mod is not None and getattr(mod, "return_indices", False):
-            couple_unknown(b, node, mod)
+        """Pooling/padding (module or function): channels pass through, the last `nsp` dims
+        are new; with return_indices the indices are flat positions per channel: pinned."""
+        op = layer_operands(b, node, mod, path, (), ("return_indices",))
+        if op is None:
+            return
+        if op.settings["return_indices"]:
+            couple_unknown(b, node, mod, f"{where(node, b.gm)} returns indices")
             return
         _spatial_ops(nsp)(b, node, mod, path)
 
     return couple
+
+
+def couple_roll(b: Builder, node: fx.Node, mod=None, path=None) -> None:
+    """roll(x, shifts, dims): a cyclic shift along `dims` (kept whole: the shift counts
+    positions); the other dims pass through. Without dims it rolls the flattened tensor."""
+    x = node.args[0]
+    xs = b.out[x]
+    dims = _arg(node, 2, "dims")
+    loc = f"rolled by {where(node, b.gm)}"
+    if dims is None or (isinstance(dims, (tuple, list)) and not dims):
+        dims = range(len(xs))
+    dims = {_dim(d, len(xs)) for d in (dims if isinstance(dims, (tuple, list, range)) else (dims,))}
+    for d in dims:
+        b.pin(xs[d], loc)
+    _keep_except(b, node, x, dict.fromkeys(dims, 0), loc)
 
 
 def couple_interpolate(b: Builder, node: fx.Node, mod=None, path=None) -> None:
@@ -312,7 +354,8 @@ def couple_channel_shuffle(b: Builder, node: fx.Node, mod=None, path=None) -> No
 
 
 def couple_matmul(b: Builder, node: fx.Node, mod=None, path=None) -> None:
-    """matmul: a(..., n, k) @ b(..., k, m): k is contracted (coupled), batch dims broadcast."""
+    """matmul: a(..., n, k) @ b(..., k, m): k is contracted (coupled); a batch dim is the
+    operands' own where their sizes match (one index set), a new pinned dim where one broadcasts."""
     x, y = node.args[0], node.args[1]
     xs, ys = b.out[x], b.out[y]
     if len(xs) < 2 or len(ys) < 2:
@@ -320,14 +363,17 @@ def couple_matmul(b: Builder, node: fx.Node, mod=None, path=None) -> None:
         return
     b.union(xs[-1], ys[-2])
     shape = _shape(node)
-    out = b.fresh(shape[:-2], node.name, f"broadcast dims of {where(node, b.gm)}") + [xs[-2], ys[-1]]
-    for t, ts in ((x, xs), (y, ys)):
-        tsh = _shape(t)
-        off = len(shape) - len(tsh)
-        for d in range(len(tsh) - 2):
-            if tsh[d] == shape[d + off] and tsh[d] != 1:
-                b.union(out[d + off], ts[d])
-    b.out[node] = out
+    out = []
+    for d in range(len(shape) - 2):  # batch dims (attention heads ...): the operands' own
+        same = []
+        for t, ts in ((x, xs), (y, ys)):
+            e = d - (len(shape) - len(ts))
+            if 0 <= e < len(ts) - 2 and _shape(t)[e] == shape[d] and shape[d] != 1:
+                same.append(ts[e])
+        for s in same[1:]:
+            b.union(same[0], s)
+        out.append(same[0] if same else b.new(shape[d], f"{node.name}:{d}", f"broadcast dims of {where(node, b.gm)}"))
+    b.out[node] = out + [xs[-2], ys[-1]]
 
 
 def couple_einsum(b: Builder, node: fx.Node, mod=None, path=None) -> None:
@@ -364,45 +410,3 @@ def couple_sdpa(b: Builder, node: fx.Node, mod=None, path=None) -> None:
             if b.sizes[b.find(t[d])] == b.sizes[b.find(qs[d])]:
                 b.union(qs[d], t[d])
     b.out[node] = list(qs[:-1]) + [vs[-1]]
-
-
-def couple_linear_fn(b: Builder, node: fx.Node, mod=None, path=None) -> None:
-    """F.linear(x, w, bias) with w a graph tensor: x's last dim is w's dim 1."""
-    x, w = node.args[0], _arg(node, 1, "weight")
-    bias = _arg(node, 2, "bias")
-    b.union(b.out[x][-1], b.out[w][1])
-    if isinstance(bias, fx.Node):
-        b.union(b.out[w][0], b.out[bias][0])
-    b.out[node] = list(b.out[x][:-1]) + [b.out[w][0]]
-
-
-def couple_layer_norm_fn(b: Builder, node: fx.Node, mod=None, path=None) -> None:
-    """F.layer_norm(x, normalized_shape, w, b): a statistic over the last dim; w, b on it."""
-    x = node.args[0]
-    ns = _arg(node, 1, "normalized_shape")
-    xs = b.out[x]
-    b.out[node] = list(xs)
-    if len(ns) != 1:
-        for s in xs[-len(ns):]:
-            b.pin(s, f"{where(node, b.gm)} normalises over several dims")
-        return
-    b.mark_stat(xs[-1])
-    for i, name in ((2, "weight"), (3, "bias")):
-        t = _arg(node, i, name)
-        if isinstance(t, fx.Node):
-            b.union(xs[-1], b.out[t][0])
-
-
-def literal_dims_layer_norm(b: Builder, node: fx.Node) -> list[int]:
-    return [b.out[node.args[0]][-1]]
-
-
-def fix_layer_norm_fn(node: fx.Node, new_sizes: Callable, kept: Callable, dynamic: Callable) -> None:
-    x = node.args[0]
-    n = new_sizes(x, None)[-1]
-    args = list(node.args)
-    if len(args) > 1:
-        args[1] = (n,)
-        node.args = tuple(args)
-    else:
-        node.kwargs = {**node.kwargs, "normalized_shape": (n,)}

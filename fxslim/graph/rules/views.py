@@ -61,9 +61,10 @@ def couple_reshape(b: Builder, node: fx.Node, mod=None, path=None) -> None:
 
     Dims that keep their size are the same space. A merge (C, H, W) -> C*H*W couples
     the merged dim to one factor by stride (element f belongs to channel f // (H*W)),
-    the outermost factor that carries channels; a split couples the outermost new
-    factor. Any other factor that carries channels is pinned: one flat dim cannot
-    follow two independent channel sets.
+    the outermost factor that carries channels. A split couples one new factor: the
+    outermost that nothing else pins by the end of the analysis (a fused qkv output split
+    into (3, heads, head_dim) and unbound along the 3 is coupled by whole heads). Any
+    other factor is pinned: one flat dim cannot follow two independent channel sets.
     """
     x = node.args[0] if node.args else node.kwargs["input"]
     xs, a = b.out[x], _shape(x)
@@ -94,20 +95,18 @@ def couple_reshape(b: Builder, node: fx.Node, mod=None, path=None) -> None:
             if any(b.find(xs[d]) in dyn for d in gi):
                 b.dynamic.add(flat)
             out[gj[0]] = flat
-        elif len(gi) == 1:  # split
+        elif len(gi) == 1:  # split: which factor carries the channels is decided at the end
             src = xs[gi[0]]
-            free = not b.is_pinned(src)
-            for k, d in enumerate(gj):
-                if free and k == 0:
-                    s = b.new(out_shape[d], f"{node.name}:{d}")
-                    inner = int(np.prod([out_shape[e] for e in gj[1:]]))
-                    f = np.arange(a[gi[0]])
-                    b.link(src, f, s, f // inner)
-                else:
-                    s = b.new(out_shape[d], f"{node.name}:{d}", f"split off by {loc}")
+            factors = [b.new(out_shape[d], f"{node.name}:{d}") for d in gj]
+            for d, s in zip(gj, factors):
                 if b.find(src) in dyn:
                     b.dynamic.add(s)
                 out[d] = s
+            if b.is_pinned(src):
+                for s in factors:
+                    b.pin(s, f"split off by {loc}")
+            else:
+                b.defer_split(src, factors, f"split off by {loc}")
         else:
             for d in gi:
                 b.pin(xs[d], f"reshape mixes dims at {loc}")
