@@ -168,7 +168,7 @@ def cmd_groups(args: argparse.Namespace) -> int:
     groups = fxslim.channel_groups(model, _inputs(args))
     if args.json:
         print(json.dumps([{"id": g.id, "size": g.size, "prunable": g.prunable,
-                           "pinned": getattr(g, "pinned_reason", None) or None, "text": str(g)}
+                           "pinned": g.reason, "text": str(g)}
                           for g in groups], indent=1))
     else:
         for g in groups:
