@@ -222,7 +222,7 @@ def parse_config(raw: Any, source: str = "<config>", lines: dict[tuple, int] | N
         config = Pipeline.model_validate(top)
     except ValidationError as exc:
         for loc, msg in _errors(exc, ()):
-            if loc[:1] == ("steps",) and isinstance(steps_raw, list) and len(loc) > 1:
+            if loc[:1] == ("steps",) and isinstance(steps_raw, list) and (len(loc) > 1 or steps_raw):
                 continue  # steps were checked one by one above
             if msg == "unknown key":
                 near = difflib.get_close_matches(str(loc[-1]), list(Pipeline.model_fields), n=1)
