@@ -13,7 +13,7 @@ def tiny_digits() -> torch.nn.Module:
 
 
 def digits_data(seed: int = 0):
-    return digits_loaders(batch_size=128, seed=seed)
+    return digits_loaders(batch_size=32, seed=seed)
 
 
 def digits_inputs() -> torch.Tensor:

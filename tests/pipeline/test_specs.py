@@ -42,7 +42,7 @@ def test_data_and_inputs_specs():
     train, _ = resolve_data("digits")
     assert next(iter(train))[0].shape[1:] == (1, 8, 8)
     train, _ = resolve_data("tests.pipeline.models:digits_data", seed=1)
-    assert train.batch_size == 128
+    assert train.batch_size == 32
     assert resolve_inputs(None, "digits")[0].shape == (1, 1, 8, 8)
     assert resolve_inputs([2, 3, 4, 4])[0].shape == (2, 3, 4, 4)
     assert resolve_inputs("tests.pipeline.models:digits_inputs")[0].shape == (1, 1, 8, 8)
