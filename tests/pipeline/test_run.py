@@ -27,7 +27,7 @@ steps:
   - finetune: {epochs: 3, lr: 0.01}
   - prune: {ratio: 0.5, ignore: [fc]}
   - distill: {epochs: DISTILL_EPOCHS}
-  - export
+  - export: {simplify: false}
   - benchmark: {batch_sizes: [1, 4], runs: 3, warmup: 1}
   - report
 """
