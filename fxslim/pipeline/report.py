@@ -96,6 +96,21 @@ def _charts(records: dict, before: str, after: str) -> dict[str, tuple[str, byte
         ax.set_title("accuracy vs latency per stage" if use_lat else "accuracy vs MACs per stage")
         charts["tradeoff"] = ("Accuracy against " + ("latency" if use_lat else "MACs") + " per stage", _png(fig))
 
+    if "confusion" in records[after]["metrics"]:
+        cm = records[after]["metrics"]["confusion"]
+        fig, ax = plt.subplots(figsize=(4.2, 3.8))
+        im = ax.imshow(cm, cmap="Blues")
+        for r, row in enumerate(cm):
+            for c, v in enumerate(row):
+                if v:
+                    ax.text(c, r, str(v), ha="center", va="center", fontsize=7,
+                            color="white" if v > 0.6 * max(map(max, cm)) else "black")
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"confusion matrix ({after})")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+        charts["confusion"] = (f"Confusion matrix after ({after}, validation data)", _png(fig))
+
     trained = [n for n, r in records.items() if r["metrics"].get("history")]
     if trained:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.2))

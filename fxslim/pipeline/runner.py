@@ -9,9 +9,10 @@
       steps/05-report/          report.md, report.html (self-contained), *.png
 
 Each step has a *key*: the sha256 of the previous step's key, its kind and its options
-(the source step's key covers the model, arch, data and inputs specs, the seed and the
-fxslim version, and the files of a saved model). A step whose folder holds a
-``step.json`` with its key is up to date and skipped; changing one option changes the
+(the source step's key covers the model, arch, data and inputs specs, the seed, the
+fxslim version and the hash of its source files, and the files of a saved model; not
+the code behind a ``package.module:function`` spec: use ``--force`` after changing it).
+A step whose folder holds a ``step.json`` with its key is up to date and skipped; changing one option changes the
 keys of that step and every step after it, so exactly those re-run. A step writes into
 ``steps/.tmp-NN-kind-PID/`` and is renamed into place only when it finished, with
 ``step.json`` written last; an interrupted run leaves only a temporary folder (removed on
@@ -54,13 +55,24 @@ def _files_sha(folder: Path) -> str:
     return h.hexdigest()
 
 
+def _code_sha() -> str:
+    """fxslim's own source: a changed pass or step re-runs everything, like a changed compiler."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def step_keys(cfg: Pipeline) -> list[str]:
     """The chained key of the source step and of every configured step."""
     import fxslim
     from fxslim.pipeline.specs import check_model_spec
 
     saved = _files_sha(Path(cfg.model)) if check_model_spec(cfg.model) == "saved" else None
-    keys = [_sha("source", cfg.model, cfg.arch, cfg.data, cfg.inputs, cfg.seed, saved, fxslim.__version__)]
+    keys = [_sha("source", cfg.model, cfg.arch, cfg.data, cfg.inputs, cfg.seed, saved, fxslim.__version__,
+                 _code_sha())]
     for st in cfg.steps:
         keys.append(_sha(keys[-1], st.kind, st.options.model_dump(mode="json")))
     return keys
@@ -137,9 +149,24 @@ def _model_metrics(ctx: _Ctx, model: Any) -> dict:
 
         try:
             out["eval"] = evaluate(model, data[1])
+            out["confusion"] = _confusion(model, data[1])
         except (TypeError, ValueError, AttributeError):  # unlabelled validation data
             pass
     return out
+
+
+def _confusion(model: Any, val: Any) -> list[list[int]]:
+    """Confusion matrix [true class][predicted class] on the validation data."""
+    import torch
+
+    preds, labels = [], []
+    with torch.inference_mode():
+        for x, y in val:
+            preds.append(model(x).argmax(1))
+            labels.append(y)
+    p, y = torch.cat(preds), torch.cat(labels)
+    n = int(max(p.max(), y.max())) + 1
+    return torch.bincount(y * n + p, minlength=n * n).reshape(n, n).tolist()
 
 
 def _save(model: Any, tmp: Path) -> None:
@@ -298,7 +325,7 @@ STEPS: dict[str, Callable[[_Ctx, Any, Path], dict]] = {
 
 def _describe(kind: str, opts: Any) -> str:
     if opts is None:
-        return "resolve, trace and save the model; count params and MACs; evaluate"
+        return "resolve, trace and save the model; count params and MACs; evaluate (with data)"
     set_opts = {k: v for k, v in opts.model_dump().items() if v not in (None, [], False)}
     what = {
         "finetune": "train with labels", "prune": "prune channel groups", "distill":

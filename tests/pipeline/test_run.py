@@ -82,9 +82,9 @@ def test_every_artefact(first_run):
     assert {"torch_bs1", "torch_bs4", "onnxruntime_bs1", "onnxruntime_bs4"} <= set(bench["03-distill"])
     report = steps / "06-report"
     md, page = (report / "report.md").read_text(), (report / "report.html").read_text()
-    for png in ("widths.png", "tradeoff.png", "training.png"):
+    for png in ("widths.png", "tradeoff.png", "confusion.png", "training.png"):
         assert (report / png).read_bytes()[:4] == b"\x89PNG" and f"({png})" in md
-    assert page.count('src="data:image/png;base64,') == 3
+    assert page.count('src="data:image/png;base64,') == 4
     assert not re.search(r'(src|href)="(?!data:)', page), "the HTML page must be self-contained"
     assert "| 01-finetune |" in md and "| 03-distill |" in md and "Pinned channel groups" in md
     manifest = json.loads((run / "manifest.json").read_text())
