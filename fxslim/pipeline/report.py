@@ -87,7 +87,6 @@ def _charts(records: dict, before: str, after: str) -> dict[str, tuple[str, byte
         xv = [lat[n] if use_lat else records[n]["metrics"]["macs"] / 1e6 for n in stages]
         yv = [records[n]["metrics"]["eval"]["accuracy"] for n in stages]
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(xv, yv, "o-", color="0.6", zorder=1)
         ax.scatter(xv, yv, zorder=2)
         for n, x, y in zip(stages, xv, yv):
             ax.annotate(n, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
