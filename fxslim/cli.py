@@ -206,6 +206,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fxslim.pipeline.config import load_config
 
     config = load_config(args.config)  # every problem reported before anything runs
+    if args.threads is not None:
+        config = config.model_copy(update={"threads": args.threads})
     from fxslim.pipeline.runner import run_pipeline
 
     out = run_pipeline(config, args.out, dry_run=args.dry_run, force=args.force,
@@ -226,9 +228,10 @@ def _build() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", parser_class=_Parser)
     fmt = argparse.RawDescriptionHelpFormatter
 
-    def common(q: argparse.ArgumentParser, threads: int = 1) -> None:
+    def common(q: argparse.ArgumentParser, threads: int | None = 1) -> None:
+        default = f"default {threads}" if threads else "default: the config's `threads`, else 1"
         q.add_argument("--threads", type=_positive, default=threads,
-                       help=f"torch intra-op threads for the whole command (default {threads}; "
+                       help=f"torch intra-op threads for the whole command ({default}; "
                             "more threads than free cores is slower, not faster)")
 
     d = sub.add_parser("demo", help="train, prune, distil and measure the built-in digits model",
@@ -276,7 +279,7 @@ def _build() -> argparse.ArgumentParser:
                    "(which steps would run, which are up to date); trains nothing")
     u.add_argument("--force", action="store_true", help="re-run every step even when up to date")
     u.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    common(u)
+    common(u, threads=None)
     u.set_defaults(fn=cmd_run)
     return p
 
@@ -284,7 +287,8 @@ def _build() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _build().parse_args(argv)
     try:
-        _setup_threads(args.threads)
+        if args.threads is not None:
+            _setup_threads(args.threads)
         return args.fn(args)
     except FxslimError as exc:
         print(f"fxslim {args.cmd}: error: {type(exc).__name__}: {exc}", file=sys.stderr)

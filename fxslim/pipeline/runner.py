@@ -8,17 +8,18 @@
       steps/04-benchmark/       step.json (latency of every stage)
       steps/05-report/          report.md, report.html (self-contained), *.png
 
-Each step has a *key*: the sha256 of the previous step's key, its kind and its options
-(the source step's key covers the model, arch, data and inputs specs, the seed, the
-fxslim version and the hash of its source files, and the files of a saved model; not
-the code behind a ``package.module:function`` spec: use ``--force`` after changing it).
-A step whose folder holds a ``step.json`` with its key is up to date and skipped; changing one option changes the
-keys of that step and every step after it, so exactly those re-run. A step writes into
-``steps/.tmp-NN-kind-PID/`` and is renamed into place only when it finished, with
-``step.json`` written last; an interrupted run leaves only a temporary folder (removed on
-the next run) and resumes from the first step that is not up to date. Every model step
-reads its input model back from the previous step's save, so a resumed run computes
-exactly what an uninterrupted one does (seeded, same thread count).
+Each step has a *key*: the sha256 of the previous step's key, its kind and its options.
+The source step's key covers the model, arch, data and inputs specs, the seed, the thread
+count (results depend on it bit for bit), the fxslim version and the hash of fxslim's
+source files, and the files of a saved model; not the code behind a
+``package.module:function`` spec (use ``--force`` after changing that). A step whose
+folder holds a ``step.json`` with its key is up to date and skipped; changing one option
+changes the keys of that step and every step after it, so exactly those re-run. A step
+writes into ``steps/.tmp-NN-kind-PID/`` and is renamed into place only when it finished,
+with ``step.json`` written last; an interrupted run leaves only a temporary folder
+(removed on the next run) and resumes from the first step that is not up to date. Every
+model step reads its input model back from the previous step's save, so a resumed run
+computes exactly what an uninterrupted one does (seeded, same thread count).
 """
 
 from __future__ import annotations
@@ -71,8 +72,8 @@ def step_keys(cfg: Pipeline) -> list[str]:
     from fxslim.pipeline.specs import check_model_spec
 
     saved = _files_sha(Path(cfg.model)) if check_model_spec(cfg.model) == "saved" else None
-    keys = [_sha("source", cfg.model, cfg.arch, cfg.data, cfg.inputs, cfg.seed, saved, fxslim.__version__,
-                 _code_sha())]
+    keys = [_sha("source", cfg.model, cfg.arch, cfg.data, cfg.inputs, cfg.seed, cfg.threads, saved,
+                 fxslim.__version__, _code_sha())]
     for st in cfg.steps:
         keys.append(_sha(keys[-1], st.kind, st.options.model_dump(mode="json")))
     return keys
