@@ -53,6 +53,8 @@ _LAZY = {
     "trace": "fxslim.graph.trace",
 }
 
+_SUBPACKAGES = ("graph", "passes", "runtime", "pipeline", "errors", "utils", "cli")
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -104,6 +106,12 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
+    if name in _SUBPACKAGES:  # `fxslim.graph.rules.elementwise` after a bare `import fxslim`:
+        import importlib  # import what the eager package used to, so every submodule is there
+
+        for module in set(_LAZY.values()):
+            importlib.import_module(module)
+        return importlib.import_module(f"fxslim.{name}")
     raise AttributeError(f"module 'fxslim' has no attribute {name!r}")
 
 
