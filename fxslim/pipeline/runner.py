@@ -397,6 +397,11 @@ def run_pipeline(cfg: Pipeline, out: str | os.PathLike | None = None, *, dry_run
             say(f"{name}: up to date, skipped")
             manifest["steps"].append({"name": name, "key": key, "status": "skipped"})
             continue
+        if final.exists() and not (final / STEP_FILE).is_file():
+            from fxslim.errors import FxslimError
+
+            raise FxslimError(f"'{final}' exists but is no step of an fxslim run (no {STEP_FILE}); nothing "
+                              "there is replaced: choose another run directory (--out)")
         say(f"{name}: {_describe(kind, opts)}")
         tmp = steps_dir / f"{_TMP}{name}-{os.getpid()}"
         tmp.mkdir()

@@ -137,3 +137,12 @@ def test_killed_run_resumes_to_the_same_artefacts(first_run, tmp_path, monkeypat
         _same_files(out / "steps" / name, run / "steps" / name)
     a, b = ((d / "steps" / "04-export" / "model.onnx").read_bytes() for d in (out, run))
     assert a == b
+
+
+def test_a_folder_the_run_did_not_write_is_never_replaced(tmp_path, capsys):
+    mine = tmp_path / "out" / "steps" / "00-source"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    assert cli.main(["run", str(_config(tmp_path)), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert "is no step of an fxslim run" in capsys.readouterr().err
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
