@@ -10,36 +10,58 @@ The first calls a user needs::
     print(fxslim.compare({"original": model, "pruned": small}, x))
 """
 
-from fxslim.errors import (
-    ArgumentError,
-    ExportError,
-    FxslimError,
-    PassContractError,
-    PinnedChannelsError,
-    PlanMismatchError,
-    RuleError,
-    SaveLoadError,
-    TraceError,
-    UnsupportedOpError,
-)
-from fxslim.graph.analysis import analyze, channel_groups
-from fxslim.graph.coupling import ChannelGroup, CouplingGraph, Member
-from fxslim.graph.rules import register_rule
-from fxslim.graph.trace import trace
-from fxslim.passes.base import Pass, PassManager, PassResult
-from fxslim.passes.distill import distill, prune_and_distill, thin_copy
-from fxslim.passes.export import ExportReport, export_onnx
-from fxslim.passes.policy import prune
-from fxslim.passes.prune import PrunePlan, apply_plan, make_plan, prune_channels
-from fxslim.passes.saveload import load, save, save_pt2
-from fxslim.runtime.compare import compare
-from fxslim.runtime.measure import count_macs, count_params, measure_latency
+# Names are imported on first use (PEP 562), so that `import fxslim.cli` and `fxslim --help`
+# do not pay for torch: the command line parses and checks its arguments first.
+_LAZY = {
+    "ArgumentError": "fxslim.errors",
+    "ChannelGroup": "fxslim.graph.coupling",
+    "ConfigError": "fxslim.errors",
+    "CouplingGraph": "fxslim.graph.coupling",
+    "ExportError": "fxslim.errors",
+    "ExportReport": "fxslim.passes.export",
+    "FxslimError": "fxslim.errors",
+    "Member": "fxslim.graph.coupling",
+    "Pass": "fxslim.passes.base",
+    "PassContractError": "fxslim.errors",
+    "PassManager": "fxslim.passes.base",
+    "PassResult": "fxslim.passes.base",
+    "PinnedChannelsError": "fxslim.errors",
+    "PlanMismatchError": "fxslim.errors",
+    "PrunePlan": "fxslim.passes.prune",
+    "RuleError": "fxslim.errors",
+    "SaveLoadError": "fxslim.errors",
+    "SpecError": "fxslim.errors",
+    "TraceError": "fxslim.errors",
+    "UnsupportedOpError": "fxslim.errors",
+    "analyze": "fxslim.graph.analysis",
+    "apply_plan": "fxslim.passes.prune",
+    "channel_groups": "fxslim.graph.analysis",
+    "compare": "fxslim.runtime.compare",
+    "count_macs": "fxslim.runtime.measure",
+    "count_params": "fxslim.runtime.measure",
+    "distill": "fxslim.passes.distill",
+    "export_onnx": "fxslim.passes.export",
+    "load": "fxslim.passes.saveload",
+    "make_plan": "fxslim.passes.prune",
+    "measure_latency": "fxslim.runtime.measure",
+    "prune": "fxslim.passes.policy",
+    "prune_and_distill": "fxslim.passes.distill",
+    "prune_channels": "fxslim.passes.prune",
+    "register_rule": "fxslim.graph.rules",
+    "save": "fxslim.passes.saveload",
+    "save_pt2": "fxslim.passes.saveload",
+    "thin_copy": "fxslim.passes.distill",
+    "trace": "fxslim.graph.trace",
+}
+
+_SUBPACKAGES = ("graph", "passes", "runtime", "pipeline", "errors", "utils", "cli")
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ArgumentError",
     "ChannelGroup",
+    "ConfigError",
     "CouplingGraph",
     "ExportError",
     "ExportReport",
@@ -54,6 +76,7 @@ __all__ = [
     "PrunePlan",
     "RuleError",
     "SaveLoadError",
+    "SpecError",
     "TraceError",
     "UnsupportedOpError",
     "analyze",
@@ -76,3 +99,23 @@ __all__ = [
     "thin_copy",
     "trace",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    if name in _SUBPACKAGES:  # `fxslim.graph.rules.elementwise` after a bare `import fxslim`:
+        import importlib  # import what the eager package used to, so every submodule is there
+
+        for module in set(_LAZY.values()):
+            importlib.import_module(module)
+        return importlib.import_module(f"fxslim.{name}")
+    raise AttributeError(f"module 'fxslim' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "ArgumentError",
+    "ConfigError",
     "ExportError",
     "FxslimError",
     "PassContractError",
@@ -11,6 +12,7 @@ __all__ = [
     "PlanMismatchError",
     "RuleError",
     "SaveLoadError",
+    "SpecError",
     "TraceError",
     "UnsupportedOpError",
 ]
@@ -57,3 +59,13 @@ class ArgumentError(FxslimError, ValueError, TypeError):
     """An argument has the wrong type, an out-of-range value or names nothing in the model.
 
     Raised before any work starts; also a ValueError/TypeError for generic handlers."""
+
+
+class SpecError(ArgumentError):
+    """A model, data or example-input spec (``torchvision:NAME``, ``pkg.module:function``,
+    a saved directory ...) cannot be resolved; the message names the spec and what was tried."""
+
+
+class ConfigError(FxslimError):
+    """A pipeline config is malformed: every problem is listed with the path of the offending
+    entry (``steps[1].prune.ratio``) and, for YAML, its line. Raised before any step runs."""

@@ -163,6 +163,10 @@ def export_onnx(
     if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 7):
         raise ArgumentError(f"opset must be an int >= 7 or None, got {opset!r}")
     inputs = as_input_tuple(example_inputs)
+    if getattr(model, "_needs_recompile", lambda: False)():
+        # a lazily compiled GraphModule (e.g. from `load` of an unpruned save) has a
+        # forward(*args, **kwargs) until its first call, which dynamic_shapes cannot match
+        model.real_recompile()
     path = as_path(path, ExportError)
     check_output_file(path, overwrite, ExportError)
     try:

@@ -84,3 +84,12 @@ def test_torchscript_fallback_when_dynamo_fails(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.onnx, "export", picky)
     rep = fxslim.export_onnx(Small().eval(), X, tmp_path / "ts.onnx")
     assert rep.exporter == "torchscript" and rep.max_diff <= 1e-4 and rep.batch_sizes == (1, 3)
+
+
+def test_loaded_unpruned_save_exports_with_dynamic_batch(tmp_path):
+    """`load` of a save with no pruning steps returns a lazily compiled GraphModule whose
+    forward is (*args, **kwargs) until first called; dynamic_shapes could not match it."""
+    fxslim.save(fxslim.trace(Small().eval(), X), tmp_path / "s")
+    loaded = fxslim.load(tmp_path / "s", Small())
+    report = fxslim.export_onnx(loaded, X, tmp_path / "m.onnx")
+    assert report.exporter == "dynamo" and report.max_diff < 1e-4 and len(report.batch_sizes) == 2

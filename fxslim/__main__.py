@@ -1,0 +1,5 @@
+import sys
+
+from fxslim.cli import main
+
+sys.exit(main())

@@ -1,0 +1,218 @@
+"""Model, data and example-input specs: strings that name where a model or data comes from.
+
+Models:
+
+* ``digits`` / ``mnist1d``: the built-in examples (`DigitsResNet`, `MNIST1DCNN`, untrained);
+* ``torchvision:NAME`` (random init) or ``torchvision:NAME@WEIGHTS`` (e.g. ``@DEFAULT``,
+  from torch's local cache: nothing is downloaded that torchvision would not download);
+* ``timm:NAME`` (random init);
+* ``package.module:function``: a function taking no arguments and returning an nn.Module;
+* a saved fxslim directory (``plan.json`` + ``weights.safetensors``): a save holds the
+  pruning plan, not the architecture, so it needs the *original* architecture's spec as
+  well (``arch:`` in a config, ``--arch`` on the command line).
+
+Hugging Face model directories are not resolved yet: they need the second capture
+(docs/design.md, "Where the design grows").
+
+Data: ``digits`` / ``mnist1d`` (built-in, offline) or ``package.module:function`` taking
+no arguments (or ``seed=``) and returning ``(train_loader, val_loader)`` or a dict with
+``train`` and ``val``. Example inputs: a shape (``[1, 3, 224, 224]`` or ``"1,3,224,224"``),
+``package.module:function`` returning a tensor or a tuple of tensors, or by default the
+built-in data's shape.
+
+Every failure is a `SpecError` naming the spec and what was tried. Nothing here imports
+torch at module import time, so the command line can check specs' forms cheaply.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+from pathlib import Path
+from typing import Any
+
+from fxslim.errors import SpecError
+
+__all__ = [
+    "BUILTIN",
+    "MODEL_FORMS",
+    "check_model_spec",
+    "parse_shape",
+    "resolve_data",
+    "resolve_inputs",
+    "resolve_model",
+]
+
+# built-in name -> (model factory, data loaders factory, example input shape)
+BUILTIN = {
+    "digits": ("DigitsResNet", "digits_loaders", (1, 1, 8, 8)),
+    "mnist1d": ("MNIST1DCNN", "mnist1d_loaders", (1, 1, 40)),
+}
+MODEL_FORMS = ("a built-in name (digits, mnist1d)", "torchvision:NAME[@WEIGHTS]", "timm:NAME",
+               "a saved fxslim directory (with the original architecture's spec)",
+               "package.module:function")
+_CALLABLE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
+def parse_shape(text: Any, what: str = "shape") -> tuple[int, ...]:
+    """``"1,3,224,224"`` or a list of ints -> a tuple of positive ints, or SpecError."""
+    items = text.split(",") if isinstance(text, str) else text
+    try:
+        shape = tuple(int(str(s).strip()) for s in items)
+    except (TypeError, ValueError):
+        raise SpecError(f"{what} {text!r} is not a list of integers (e.g. 1,3,224,224)") from None
+    if not shape or any(s < 1 for s in shape):
+        raise SpecError(f"{what} {text!r} must be one or more positive integers (e.g. 1,3,224,224)")
+    return shape
+
+
+def _is_saved_dir(spec: str) -> bool:
+    return (Path(spec) / "plan.json").is_file()
+
+
+def check_model_spec(spec: str) -> str:
+    """The form of a model spec, checked without importing torch: "builtin", "torchvision",
+    "timm", "saved" or "callable"; SpecError for anything else."""
+    if not isinstance(spec, str) or not spec:
+        raise SpecError(f"a model spec must be a non-empty string, got {spec!r}")
+    if spec in BUILTIN:
+        return "builtin"
+    if spec.startswith(("torchvision:", "timm:")):
+        if not spec.split(":", 1)[1]:
+            raise SpecError(f"model spec '{spec}' names no model (e.g. torchvision:resnet18)")
+        return spec.split(":", 1)[0]
+    if spec.startswith(("hf:", "huggingface:")) or (Path(spec) / "config.json").is_file():
+        raise SpecError(f"model spec '{spec}': Hugging Face models are not supported yet "
+                        "(they need the second capture); use package.module:function if it traces")
+    if _is_saved_dir(spec):
+        return "saved"
+    if _CALLABLE.match(spec):
+        return "callable"
+    tried = "; ".join(MODEL_FORMS)
+    where = " (a path that exists but holds no plan.json)" if Path(spec).exists() else ""
+    raise SpecError(f"cannot resolve model spec '{spec}'{where}; tried: {tried}")
+
+
+def _call(spec: str, what: str, **kwargs: Any) -> Any:
+    mod_name, fn_name = spec.split(":", 1)
+    try:
+        obj = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise SpecError(f"{what} spec '{spec}': cannot import module '{mod_name}' ({exc})") from exc
+    for part in fn_name.split("."):
+        if not hasattr(obj, part):
+            names = [n for n in dir(obj) if not n.startswith("_")][:8]
+            raise SpecError(f"{what} spec '{spec}': module '{mod_name}' has no '{fn_name}' "
+                            f"(it has e.g. {', '.join(names)})")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise SpecError(f"{what} spec '{spec}': '{fn_name}' is not callable")
+    try:
+        params = inspect.signature(obj).parameters
+    except (TypeError, ValueError):
+        params = {}
+    return obj(**{k: v for k, v in kwargs.items() if k in params})
+
+
+def _torchvision(spec: str) -> Any:
+    import torchvision
+
+    name, _, weights = spec.split(":", 1)[1].partition("@")
+    known = torchvision.models.list_models()
+    if name not in known:
+        from fxslim._args import closest
+
+        raise SpecError(f"model spec '{spec}': torchvision has no model '{name}'{closest(name, known)} "
+                        f"(tried torchvision.models.list_models(), {len(known)} models)")
+    try:
+        return torchvision.models.get_model(name, weights=weights or None)
+    except (ValueError, KeyError, RuntimeError, OSError) as exc:
+        raise SpecError(f"model spec '{spec}': torchvision could not build it with weights "
+                        f"'{weights}': {exc}") from exc
+
+
+def _timm(spec: str) -> Any:
+    try:
+        import timm
+    except ImportError as exc:
+        raise SpecError(f"model spec '{spec}' needs the timm package (pip install timm)") from exc
+    name = spec.split(":", 1)[1]
+    if not timm.is_model(name):
+        from fxslim._args import closest
+
+        raise SpecError(f"model spec '{spec}': timm has no model '{name}'{closest(name, timm.list_models())}")
+    return timm.create_model(name, pretrained=False)
+
+
+def resolve_model(spec: str, arch: str | None = None) -> Any:
+    """An nn.Module (in eval mode) for a model spec; a saved directory needs `arch`."""
+    from torch import nn
+
+    form = check_model_spec(spec)
+    if form == "builtin":
+        from fxslim.runtime import examples
+
+        model = getattr(examples, BUILTIN[spec][0])()
+    elif form == "torchvision":
+        model = _torchvision(spec)
+    elif form == "timm":
+        model = _timm(spec)
+    elif form == "saved":
+        if not arch:
+            raise SpecError(f"model spec '{spec}' is a saved fxslim directory: it holds the pruning plan, "
+                            "not the architecture; give the original architecture's spec too "
+                            "(arch: in a config, --arch on the command line)")
+        if check_model_spec(arch) == "saved":
+            raise SpecError(f"arch '{arch}' must name an architecture, not another saved directory")
+        import fxslim
+
+        model = fxslim.load(spec, resolve_model(arch))
+    else:
+        model = _call(spec, "model")
+    if not isinstance(model, nn.Module):
+        raise SpecError(f"model spec '{spec}' gave a {type(model).__name__}, not a torch.nn.Module")
+    return model.eval()
+
+
+def resolve_data(spec: str | None, seed: int = 0) -> tuple[Any, Any] | None:
+    """(train, val) loaders for a data spec, or None for no data."""
+    if spec is None:
+        return None
+    if spec in BUILTIN:
+        from fxslim.runtime import examples
+
+        return getattr(examples, BUILTIN[spec][1])(seed=seed)
+    if not isinstance(spec, str) or not _CALLABLE.match(spec):
+        raise SpecError(f"cannot resolve data spec {spec!r}; tried: a built-in name (digits, mnist1d), "
+                        "package.module:function returning (train_loader, val_loader)")
+    out = _call(spec, "data", seed=seed)
+    if isinstance(out, dict) and "train" in out:
+        out = (out["train"], out.get("val"))
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise SpecError(f"data spec '{spec}' must return (train_loader, val_loader) or "
+                        f"{{'train': ..., 'val': ...}}, got {type(out).__name__}")
+    return tuple(out)
+
+
+def resolve_inputs(spec: Any, data: str | None = None, model: str | None = None) -> tuple:
+    """Example inputs as a tuple of tensors, from a shape, a callable spec, or the built-in
+    data (or built-in model) named."""
+    import torch
+
+    if spec is None:
+        for name in (data, model):
+            if name in BUILTIN:
+                spec = list(BUILTIN[name][2])
+                break
+        else:
+            raise SpecError("no example inputs: give `inputs:` (a shape such as [1, 3, 224, 224], or "
+                            "package.module:function) — they cannot be guessed for this model and data")
+    if isinstance(spec, str) and _CALLABLE.match(spec):
+        out = _call(spec, "inputs")
+        out = out if isinstance(out, tuple) else tuple(out) if isinstance(out, list) else (out,)
+        if not out or not all(isinstance(t, torch.Tensor) for t in out):
+            raise SpecError(f"inputs spec '{spec}' must return a tensor or a tuple of tensors")
+        return out
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(*parse_shape(spec, "inputs shape"), generator=g),)
