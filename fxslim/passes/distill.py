@@ -224,10 +224,10 @@ def distill(
         teacher: one model or a sequence (their soft targets are mixed by `teacher_weights`).
         train_data / val_data: iterables of (inputs, labels) or of inputs alone.
         lr: "auto" (default) tries 3e-4, 1e-3, 3e-3 and 1e-2: each trains a copy of the
-            student for about one epoch (16 to 48 steps, the same batches for each) with
+            student for about one epoch (16 to 32 steps, the same batches for each) with
             this very loss and a compressed schedule, scored on up to 8 validation batches
             (on held-out training batches without `val_data`); the best is used and
-            recorded in `result.lr` and `result.lr_scores`. Bounded cost: at most 4 x 48
+            recorded in `result.lr` and `result.lr_scores`. Bounded cost: at most 4 x 32
             extra steps whatever the epochs (about one epoch per candidate on small data).
             A number uses that lr; a sequence chooses among its values.
         alpha, temperature: the logit loss's mix and temperature (see the module doc).

@@ -39,7 +39,7 @@ __all__ = [
 
 # AdamW learning rates, factor ~3 apart; fine-tuning pruned CNNs has needed 1e-3 .. 1e-2
 LR_CANDIDATES = (3e-4, 1e-3, 3e-3, 1e-2)
-MIN_TRIAL_STEPS, MAX_TRIAL_STEPS, SCORE_BATCHES = 16, 48, 8
+MIN_TRIAL_STEPS, MAX_TRIAL_STEPS, SCORE_BATCHES = 16, 32, 8
 
 
 def lr_candidates(lr: float | str | Sequence[float]) -> tuple[float, ...]:

@@ -124,7 +124,7 @@ def fit(model: nn.Module, train: DataLoader, epochs: int = 3, lr: float | str | 
 
     The same loop as `fxslim.distill` (`fxslim.runtime.train.train`), so a label-only
     baseline and distillation differ only in their loss: `lr="auto"` chooses this loss's
-    own learning rate by short trials (at most 4 x 48 extra steps), scored on `val` (or on
+    own learning rate by short trials (at most 4 x 32 extra steps), scored on `val` (or on
     held-out training batches). With `val`, the best epoch is restored and a run cut short
     is logged as a warning. `kwargs` go to `train` (weight_decay, clip_grad, device, ...);
     call `fxslim.runtime.train.train(model, labels_only, ...)` for the whole

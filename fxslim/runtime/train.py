@@ -284,7 +284,7 @@ def train(
         model: trained in place (the best epoch is restored).
         objective: binds a model to its loss (see `Bound`).
         lr: a number, "auto" (chosen from `_lr.LR_CANDIDATES` by short trials scored on
-            `val_data`, at most 4 x 48 extra steps), or a sequence of candidates to choose from.
+            `val_data`, at most 4 x 32 extra steps), or a sequence of candidates to choose from.
         device: default the model's device. `amp`: mixed precision (default: on for CUDA).
         seed: seeds torch; the result is a function of the seed.
 

@@ -21,7 +21,9 @@ from fxslim.passes.distill import (
     prune_and_distill,
     thin_copy,
 )
+from fxslim.passes import distill as distill_module
 from fxslim.runtime import _lr
+from fxslim.runtime.train import TrainResult
 from fxslim.runtime.examples import DigitsResNet, accuracy, digits_loaders, fit
 
 
@@ -170,20 +172,19 @@ def test_mixed_precision_path_trains_on_cpu(digits_teacher):
     assert accuracy(res.student, val) >= max(before + 0.1, 0.8)
 
 
-def test_auto_lr_is_recorded_deterministic_and_the_same_run_as_the_chosen_lr(digits_teacher):
+def test_auto_lr_is_recorded_and_the_run_is_the_one_with_the_chosen_lr(digits_teacher):
     teacher, _, _ = digits_teacher
     x = torch.randn(1, 1, 8, 8)
     runs = []
-    for lr in ("auto", "auto", None):
+    for lr in ("auto", None):
         train, val = digits_loaders(seed=0)  # fresh: the loader shuffles from its own generator
         small = fxslim.prune(teacher, x, 0.6, ignore=["fc"])
         runs.append(distill(small, teacher, train, val, epochs=2, lr=lr or runs[0].lr, progress=False, seed=1,
                             device="cpu"))
-    auto, again, fixed = runs
+    auto, fixed = runs
     assert auto.lr in _lr.LR_CANDIDATES and set(auto.lr_scores) == set(_lr.LR_CANDIDATES)
     assert auto.lr == max(_lr.LR_CANDIDATES, key=lambda c: (auto.lr_scores[c][0], -auto.lr_scores[c][1]))
-    assert auto.lr_scores == again.lr_scores and fixed.lr_scores == {}
-    assert auto.history == again.history == fixed.history
+    assert fixed.lr_scores == {} and auto.history == fixed.history  # the trials left no trace on the run
     for a, b in zip(auto.student.state_dict().values(), fixed.student.state_dict().values()):
         assert torch.equal(a, b)
 
@@ -206,14 +207,20 @@ def test_cut_short_warning_fires_on_a_short_run_and_not_on_a_converged_one(digit
 
 
 def test_default_device_is_the_students_even_where_cuda_exists(monkeypatch):
-    """distill used to default to CUDA whenever it existed and hand the student back there."""
+    """distill used to default to CUDA whenever it existed and hand the student back there.
+    CUDA is faked as present; the loop is stubbed (torch's optimizers would look for CUDA)."""
+    seen = {}
+
+    def fake_train(model, objective, *args, **kwargs):
+        seen["device"] = kwargs["device"]
+        return TrainResult(model, lr=1e-3)
+
+    monkeypatch.setattr(distill_module, "train", fake_train)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    torch.manual_seed(0)
-    x = torch.randn(64, 2)
-    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long()), batch_size=16)
     teacher, student = nn.Linear(2, 2), nn.Linear(2, 2)
-    res = distill(student, teacher, data, data, epochs=1, lr=0.01, progress=False)
-    assert res.student.weight.device.type == "cpu" and teacher.weight.device.type == "cpu"
+    data = [(torch.randn(4, 2), torch.tensor([0, 1, 0, 1]))]
+    distill(student, teacher, data, data, epochs=1, progress=False)
+    assert seen["device"] == torch.device("cpu") and teacher.weight.device.type == "cpu"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
