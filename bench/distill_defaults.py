@@ -70,8 +70,8 @@ def rows_for(name, make, train, recover, val, test, x, t_epochs) -> list[str]:
 
 def table() -> str:
     torch.set_num_threads(2)  # bench.distill_table's teachers were trained on 2 threads
-    rows = [f"| data | MACs kept | epochs | Adam loop, lr 1e-3 (% test, {len(SEEDS)} seeds) | `fxslim.distill` "
-            "defaults | distill - Adam (± s.e.) | lr chosen | cut-short warnings |",
+    rows = [(f"| data | MACs kept | epochs | Adam loop, lr 1e-3 (% test, {len(SEEDS)} seeds) | `fxslim.distill` "
+             "defaults | distill - Adam (± s.e.) | lr chosen | cut-short warnings |"),
             "|---|---|---|---|---|---|---|---|"]
     for name, make, train, recover, val, test, x, _feats, t_epochs, _epochs in datasets():
         if name in NAMES:

@@ -147,8 +147,8 @@ def _paired(accs: list[float], base: list[float]) -> str:
 
 def table(names: tuple[str, ...] = ()) -> str:
     torch.set_num_threads(2)  # the teachers of the earlier tables were trained on 2 threads
-    rows = [f"| data | method | epochs | MACs kept | lr chosen | test accuracy % ({len(SEEDS)} seeds) | vs teacher "
-            "| vs label-only (± s.e.) |",
+    rows = [(f"| data | method | epochs | MACs kept | lr chosen | test accuracy % ({len(SEEDS)} seeds) "
+             "| vs teacher | vs label-only (± s.e.) |"),
             "|---|---|---|---|---|---|---|---|"]
     for args in datasets():
         if not names or args[0] in names:

@@ -1,6 +1,6 @@
 """Regenerate bench/README.md: machine, versions, date, and every table.
 
-    python -m bench.report            # ~30 minutes on 2 cores; run on a quiet machine
+    python -m bench.report            # ~75 minutes on 2 cores; run on a quiet machine
 """
 
 from __future__ import annotations
@@ -12,7 +12,14 @@ from pathlib import Path
 
 import torch
 
-from bench import distill_table, latency, latency_target, policy_compare, prune_speed
+from bench import (
+    distill_defaults,
+    distill_table,
+    latency,
+    latency_target,
+    policy_compare,
+    prune_speed,
+)
 
 OUT = Path(__file__).with_name("README.md")
 
@@ -42,6 +49,7 @@ def main() -> None:
     lt = latency_target.table()
     pc = policy_compare.table()
     dt = distill_table.table()
+    dd = distill_defaults.table()
     OUT.write_text(f"""# fxslim benchmarks
 
 Regenerate everything here with `python -m bench.report` (a quiet machine, ~30 minutes on
@@ -93,10 +101,19 @@ medians.
 
 `python -m bench.distill_table`: teachers trained to convergence, pruned to 0.5x / 0.25x
 MACs, then recovered for the same epochs on the teacher's whole training set or on a
-quarter / a tenth of it; test accuracy, mean ± standard deviation over 10 seeds, and the
-mean per-seed difference to label-only fine-tuning ± its standard error.
+quarter / a tenth of it, every method with the learning rate `lr="auto"` chose for it
+(listed, with how many seeds chose each); test accuracy, mean ± standard deviation over
+{len(distill_table.SEEDS)} seeds, and the mean per-seed difference to label-only
+fine-tuning ± its standard error.
 
 {dt}
+
+`python -m bench.distill_defaults`: `fxslim.distill(student, teacher, train, val,
+epochs=E)` with nothing else set, against a plain Adam loop (constant lr 1e-3, labels
+only, last epoch kept), same pruned start and same batches per seed; mean per-seed
+difference ± standard error.
+
+{dd}
 
 ## Notes
 

@@ -39,7 +39,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     train, val = digits_loaders(seed=args.seed)
-    model = fit(DigitsResNet(), train, epochs=args.epochs, seed=args.seed)
+    model = fit(DigitsResNet(), train, epochs=args.epochs, lr=3e-3, seed=args.seed)  # lr given: a fast demo
     x = torch.randn(1, 1, 8, 8)
     small = fxslim.prune(model, x, args.ratio, ignore=["fc"])
     acc0, acc1 = accuracy(model, val), accuracy(small, val)

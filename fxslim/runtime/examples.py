@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from fxslim.runtime import train as _train
 from fxslim.runtime.train import model_device
 
-__all__ = ["DigitsResNet", "MNIST1DCNN", "accuracy", "digits_loaders", "digits_splits", "fit", "mnist1d_loaders"]
+__all__ = ["MNIST1DCNN", "DigitsResNet", "accuracy", "digits_loaders", "digits_splits", "fit", "mnist1d_loaders"]
 
 
 def digits_loaders(batch_size: int = 64, seed: int = 0, val_share: float = 0.2) -> tuple[DataLoader, DataLoader]:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import fxslim
+from fxslim.passes import distill as distill_module
 from fxslim.passes.distill import (
     FeatureDistiller,
     channel_map,
@@ -21,10 +22,9 @@ from fxslim.passes.distill import (
     prune_and_distill,
     thin_copy,
 )
-from fxslim.passes import distill as distill_module
 from fxslim.runtime import _lr
-from fxslim.runtime.train import TrainResult
 from fxslim.runtime.examples import DigitsResNet, accuracy, digits_loaders, fit
+from fxslim.runtime.train import TrainResult
 
 
 def test_kd_loss_hand_computed():

@@ -4,6 +4,7 @@ device it runs on, and collectives on the training device."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import socket
@@ -31,7 +32,7 @@ def test_schedule_warms_up_briefly_then_decays_to_zero():
     assert lrs[9] == pytest.approx(1.0) and lrs[10] == pytest.approx(1.0)
     assert lrs[105] == pytest.approx(0.5, abs=1e-9)  # cosine midpoint: (105 - 10) / 190
     assert lrs[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 189 / 190)))
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
     short = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
     _lr.schedule(short, 19)  # under 20 steps: no warm-up at all
     assert short.param_groups[0]["lr"] == pytest.approx(1.0)
