@@ -12,9 +12,9 @@ import statistics
 import torch
 
 import fxslim
-from bench.distill_table import _recovery
+from bench.distill_table import _recovery, teacher_fit
 from fxslim.passes.distill import distill
-from fxslim.runtime.examples import DigitsResNet, accuracy, digits_splits, fit
+from fxslim.runtime.examples import DigitsResNet, accuracy, digits_splits
 
 SPLITS, SEEDS = (1, 2, 3, 4, 5), range(6)
 
@@ -28,7 +28,7 @@ def main() -> None:
         train, val, test = digits_splits(seed=split)
         recover = _recovery(train.dataset, len(train.dataset), 64)  # batches paired by distill(seed=)
         torch.manual_seed(0)
-        teacher = fit(DigitsResNet(width=64), train, epochs=30, seed=0)
+        teacher = teacher_fit(DigitsResNet(width=64), train, 30)
         accs: dict[str, list[float]] = {"label": [], "kd": []}
         for seed in SEEDS:
             for key, extra in (("label", {"alpha": 0.0}), ("kd", {"alpha": 0.9, "temperature": 4.0})):

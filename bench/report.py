@@ -1,6 +1,6 @@
 """Regenerate bench/README.md: machine, versions, date, and every table.
 
-    python -m bench.report            # ~30 minutes on 2 cores; run on a quiet machine
+    python -m bench.report            # ~75 minutes on 2 cores; run on a quiet machine
 """
 
 from __future__ import annotations
@@ -12,7 +12,14 @@ from pathlib import Path
 
 import torch
 
-from bench import distill_table, latency, latency_target, policy_compare, prune_speed
+from bench import (
+    distill_defaults,
+    distill_table,
+    latency,
+    latency_target,
+    policy_compare,
+    prune_speed,
+)
 from bench.gpu import (  # the GPU section is written by `python -m bench.gpu` and kept here
     BEGIN,
     END,
@@ -48,6 +55,7 @@ def main() -> None:
     dt = distill_table.table()
     old = OUT.read_text() if OUT.exists() else ""
     gpu = old[old.index(BEGIN):old.index(END) + len(END)] + "\n\n" if BEGIN in old and END in old else ""
+    dd = distill_defaults.table()
     OUT.write_text(f"""# fxslim benchmarks
 
 Regenerate everything here with `python -m bench.report` (a quiet machine, ~30 minutes on
@@ -99,10 +107,19 @@ medians.
 
 `python -m bench.distill_table`: teachers trained to convergence, pruned to 0.5x / 0.25x
 MACs, then recovered for the same epochs on the teacher's whole training set or on a
-quarter / a tenth of it; test accuracy, mean ± standard deviation over 10 seeds, and the
-mean per-seed difference to label-only fine-tuning ± its standard error.
+quarter / a tenth of it, every method with the learning rate `lr="auto"` chose for it
+(listed, with how many seeds chose each); test accuracy, mean ± standard deviation over
+{len(distill_table.SEEDS)} seeds, and the mean per-seed difference to label-only
+fine-tuning ± its standard error.
 
 {dt}
+
+`python -m bench.distill_defaults`: `fxslim.distill(student, teacher, train, val,
+epochs=E)` with nothing else set, against a plain Adam loop (constant lr 1e-3, labels
+only, last epoch kept), same pruned start and same batches per seed; mean per-seed
+difference ± standard error.
+
+{dd}
 
 {gpu}## Notes
 

@@ -135,7 +135,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     train, val = digits_loaders(seed=args.seed)
     say(f"training DigitsResNet for {args.epochs} epochs ({args.threads} thread(s))")
-    model = fit(DigitsResNet(), train, epochs=args.epochs, seed=args.seed)
+    model = fit(DigitsResNet(), train, epochs=args.epochs, lr=3e-3, seed=args.seed)  # lr given: a fast demo
     x = torch.randn(1, 1, 8, 8)
     say(f"pruning {args.ratio:.0%} of every channel group")
     small = fxslim.prune(model, x, args.ratio, ignore=["fc"])

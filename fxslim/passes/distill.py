@@ -18,9 +18,7 @@ channels to teacher channels.
 
 from __future__ import annotations
 
-import copy
 import logging
-import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxslim.errors import FxslimError
-from fxslim.runtime.metrics import classification_metrics
+from fxslim.runtime.train import Bound, Objective, evaluate, model_device, train
 
 __all__ = [
     "DistillResult",
@@ -149,61 +147,45 @@ class FeatureDistiller(nn.Module):
 
 @dataclass
 class DistillResult:
-    """What `distill` returns: the student (best epoch restored) and the history."""
+    """What `distill` returns: the student (best epoch restored), the per-epoch history, the
+    learning rate used and, when it was chosen, each candidate's trial score (validation
+    accuracy, loss), and warnings (e.g. that the run was cut short)."""
 
     student: nn.Module
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = -1
+    lr: float = float("nan")
+    lr_scores: dict[float, tuple[float, float]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
-def _is_dist() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
+def _kd_objective(teachers: list[nn.Module], alpha: float, temperature: float,
+                  teacher_weights: Sequence[float] | None, features: Sequence[str] | None, feature_weight: float,
+                  student_features: Sequence[str] | None, project_features: bool,
+                  regularizer: Callable[[nn.Module], torch.Tensor] | None, reg_weight: float) -> Objective:
+    """The distillation loss of the module doc, bound to a student (the run's, or a trial copy)."""
 
+    def bind(student: nn.Module) -> Bound:
+        feat = None
+        if features:
+            feat = FeatureDistiller(student, teachers[0], features, student_features, project_features)
 
-def _rank() -> int:
-    return torch.distributed.get_rank() if _is_dist() else 0
+        def loss(forward, x, y):
+            with torch.no_grad():
+                t_logits = [t(x) for t in teachers]
+            out = forward(x)
+            probs = mix_teachers([tl.float() for tl in t_logits], teacher_weights, temperature)
+            total = kd_loss(out.float(), probs, y, alpha, temperature)
+            if feat is not None:
+                total = total + feature_weight * feat.loss()
+            if regularizer is not None and reg_weight:
+                total = total + reg_weight * regularizer(student)
+            return total, out
 
+        params = list(feat.parameters()) if feat is not None and project_features else []
+        return Bound(loss, params, feat.remove if feat is not None else (lambda: None))
 
-def _mean_over_ranks(value: float) -> float:
-    """The same number on every rank, so that every rank restores the same best epoch."""
-    if not _is_dist():
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    torch.distributed.all_reduce(t)
-    return float(t.item()) / torch.distributed.get_world_size()
-
-
-def _batches(loader: Iterable, device: torch.device):
-    for batch in loader:
-        if isinstance(batch, (tuple, list)) and len(batch) == 2:
-            yield batch[0].to(device), batch[1].to(device)
-        else:
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            yield x.to(device), None
-
-
-def _distributed_loader(loader: Any, seed: int) -> Any:
-    from torch.utils.data import DataLoader, DistributedSampler
-
-    sampler = DistributedSampler(loader.dataset, shuffle=True, seed=seed)
-    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler,
-                      num_workers=loader.num_workers), sampler
-
-
-@torch.inference_mode()
-def evaluate(model: nn.Module, data: Iterable, device: torch.device | str = "cpu") -> dict[str, float]:
-    """Accuracy, macro precision, recall and F1 of a classifier on labelled data, and its
-    mean cross-entropy ("loss")."""
-    model.eval()
-    preds, labels = [], []
-    loss, n = 0.0, 0
-    for x, y in _batches(data, torch.device(device)):
-        out = model(x).float()
-        preds.append(out.argmax(1).cpu())
-        labels.append(y.cpu())
-        loss += float(F.cross_entropy(out, y, reduction="sum"))
-        n += len(y)
-    return classification_metrics(torch.cat(preds), torch.cat(labels)) | {"loss": loss / max(n, 1)}
+    return bind
 
 
 def distill(
@@ -213,7 +195,7 @@ def distill(
     val_data: Iterable | None = None,
     *,
     epochs: int = 5,
-    lr: float = 1e-3,
+    lr: float | str | Sequence[float] = "auto",
     weight_decay: float = 1e-4,
     alpha: float = 0.9,
     temperature: float = 4.0,
@@ -225,7 +207,7 @@ def distill(
     regularizer: Callable[[nn.Module], torch.Tensor] | None = None,
     reg_weight: float = 0.0,
     clip_grad: float | None = 5.0,
-    device: str | None = None,
+    device: str | torch.device | None = None,
     amp: bool | None = None,
     seed: int = 0,
     callbacks: Sequence[Callable[[int, dict[str, float], nn.Module], None]] = (),
@@ -234,18 +216,28 @@ def distill(
 ) -> DistillResult:
     """Train `student` against `teacher` (or several), labels optional.
 
+    AdamW under a short warm-up (at most 5% of the steps) and a cosine decay to zero; the
+    best validation epoch is restored (ties in accuracy to the lower validation loss).
+
     Args:
         student: the model to train (trained in place; the best epoch is restored).
         teacher: one model or a sequence (their soft targets are mixed by `teacher_weights`).
         train_data / val_data: iterables of (inputs, labels) or of inputs alone.
+        lr: "auto" (default) tries 3e-4, 1e-3, 3e-3 and 1e-2: each trains a copy of the
+            student for about one epoch (16 to 32 steps, the same batches for each) with
+            this very loss and a compressed schedule, scored on up to 8 validation batches
+            (on held-out training batches without `val_data`); the best is used and
+            recorded in `result.lr` and `result.lr_scores`. Bounded cost: at most 4 x 32
+            extra steps whatever the epochs (about one epoch per candidate on small data).
+            A number uses that lr; a sequence chooses among its values.
         alpha, temperature: the logit loss's mix and temperature (see the module doc).
         features: layer paths for feature distillation (channel-aligned for fxslim
             students; `project_features=True` for other architectures).
         regularizer: e.g. ``GroupLasso(...)`` or ``bn_scale_penalty``, times `reg_weight`.
         clip_grad: max gradient norm (None disables).
-        device: "cpu" or "cuda" (default: cuda when available). `amp`: mixed precision
-            (default: on for CUDA).
-        seed: seeds torch for the run.
+        device: where to train (default: the student's device, i.e. its first parameter's;
+            the teachers are moved there). `amp`: mixed precision (default: on for CUDA).
+        seed: seeds torch for the run (the lr trials included): the same seed, the same result.
         callbacks: ``cb(epoch, metrics, student)`` after each epoch (rank 0 only).
         checkpoint_dir: rank 0 writes ``best.pt`` (state dict) here.
 
@@ -254,122 +246,35 @@ def distill(
     0 logs, calls callbacks and writes files.
 
     Returns:
-        A `DistillResult` with per-epoch metrics.
+        A `DistillResult` with per-epoch metrics. When the last epoch was the best and
+        validation accuracy was still rising by more than one standard error, the run
+        was probably cut short: `result.warnings` says so (also logged) and names the knob
+        (more epochs, or a higher lr).
 
     Example:
         >>> res = fxslim.distill(small, model, train, val, epochs=3, features=["layer1.0.conv1"])
+        >>> res.lr, res.warnings
     """
     torch.manual_seed(seed)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    use_amp = (dev.type == "cuda") if amp is None else amp
+    dev = torch.device(device) if device is not None else model_device(student)
     teachers = list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
     saved = [(t, t.training, [(p, p.requires_grad) for p in t.parameters()]) for t in teachers]
     for t in teachers:
         t.to(dev).eval()
         for p in t.parameters():
             p.requires_grad_(False)
+    objective = _kd_objective(teachers, alpha, temperature, teacher_weights, features, feature_weight,
+                              student_features, project_features, regularizer, reg_weight)
     try:
-        return _train(student, teachers, train_data, val_data, dev, use_amp, epochs, lr, weight_decay, alpha,
-                      temperature, teacher_weights, features, feature_weight, student_features,
-                      project_features, regularizer, reg_weight, clip_grad, seed, callbacks, progress,
-                      checkpoint_dir)
+        res = train(student, objective, train_data, val_data, epochs=epochs, lr=lr, weight_decay=weight_decay,
+                    clip_grad=clip_grad, device=dev, amp=amp, seed=seed, callbacks=callbacks, progress=progress,
+                    checkpoint_dir=checkpoint_dir)
     finally:  # the teachers are the user's models: give them back as they were
         for t, mode, flags in saved:
             t.train(mode)
             for p, flag in flags:
                 p.requires_grad_(flag)
-
-
-def _train(student, teachers, train_data, val_data, dev, use_amp, epochs, lr, weight_decay, alpha,
-           temperature, teacher_weights, features, feature_weight, student_features, project_features,
-           regularizer, reg_weight, clip_grad, seed, callbacks, progress, checkpoint_dir) -> DistillResult:
-    student.to(dev)
-    feat = None
-    if features:
-        feat = FeatureDistiller(student, teachers[0], features, student_features, project_features)
-    model: nn.Module = student
-    sampler = None
-    if _is_dist():
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        model = DDP(student, device_ids=[dev.index] if dev.type == "cuda" else None)
-        train_data, sampler = _distributed_loader(train_data, seed)
-    params = list(student.parameters()) + (list(feat.parameters()) if feat is not None and project_features else [])
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    steps = max(1, epochs * len(train_data)) if hasattr(train_data, "__len__") else max(1, epochs * 100)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
-    scaler = torch.amp.GradScaler(dev.type, enabled=use_amp)
-    rank0 = _rank() == 0
-    result = DistillResult(student)
-    best_score, best_state = (-math.inf,), None
-    step = 0
-    for epoch in range(epochs):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        model.train()
-        seen = right = 0
-        total = 0.0
-        it = _batches(train_data, dev)
-        if progress and rank0:
-            from tqdm.auto import tqdm
-
-            it = tqdm(it, total=len(train_data) if hasattr(train_data, "__len__") else None,
-                      desc=f"epoch {epoch + 1}/{epochs}", leave=False)
-        for x, y in it:
-            with torch.autocast(dev.type, enabled=use_amp):
-                with torch.no_grad():
-                    t_logits = [t(x) for t in teachers]
-                out = model(x)
-                probs = mix_teachers([tl.float() for tl in t_logits], teacher_weights, temperature)
-                loss = kd_loss(out.float(), probs, y, alpha, temperature)
-                if feat is not None:
-                    loss = loss + feature_weight * feat.loss()
-                if regularizer is not None and reg_weight:
-                    loss = loss + reg_weight * regularizer(student)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if clip_grad is not None:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params, clip_grad)
-            scaler.step(opt)
-            scaler.update()
-            if step < steps - 1:
-                sched.step()
-            step += 1
-            total += float(loss.detach()) * len(x)
-            seen += len(x)
-            if y is not None:
-                right += int((out.argmax(1) == y).sum())
-            if progress and rank0 and hasattr(it, "set_postfix"):
-                it.set_postfix(loss=total / seen, acc=right / seen if y is not None else float("nan"))
-        if _is_dist():  # BatchNorm statistics were updated on each rank's own batches
-            for buf in student.buffers():
-                torch.distributed.broadcast(buf, 0)
-        metrics = {"epoch": epoch, "train_loss": _mean_over_ranks(total / max(seen, 1))}
-        if y is not None:
-            metrics["train_acc"] = _mean_over_ranks(right / max(seen, 1))
-        if val_data is not None:
-            metrics |= {f"val_{k}": v for k, v in evaluate(student, val_data, dev).items()}
-        # ties in accuracy (common near the ceiling: one image in a small validation set)
-        # go to the lower validation loss, not to the earliest, least-trained epoch
-        score = (metrics["val_accuracy"], -metrics["val_loss"]) if "val_accuracy" in metrics \
-            else (-metrics["train_loss"],)
-        if score > best_score:
-            best_score, best_state, result.best_epoch = score, copy.deepcopy(student.state_dict()), epoch
-            if checkpoint_dir is not None and rank0:
-                os.makedirs(checkpoint_dir, exist_ok=True)
-                torch.save(best_state, os.path.join(checkpoint_dir, "best.pt"))
-        result.history.append(metrics)
-        if rank0:
-            logger.info("epoch %d: %s", epoch, metrics)
-            for cb in callbacks:
-                cb(epoch, metrics, student)
-    if best_state is not None:
-        student.load_state_dict(best_state)
-    if feat is not None:
-        feat.remove()
-    student.eval()
-    return result
+    return DistillResult(student, res.history, res.best_epoch, res.lr, res.lr_scores, res.warnings)
 
 
 def thin_copy(teacher: nn.Module, example_inputs: Any, ratio: float = 0.5, **prune_kwargs: Any) -> nn.Module:

@@ -6,12 +6,17 @@ scikit-learn, so nothing is downloaded.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ["DigitsResNet", "accuracy", "digits_loaders", "fit"]
+from fxslim.runtime import train as _train
+from fxslim.runtime.train import model_device
+
+__all__ = ["MNIST1DCNN", "DigitsResNet", "accuracy", "digits_loaders", "digits_splits", "fit", "mnist1d_loaders"]
 
 
 def digits_loaders(batch_size: int = 64, seed: int = 0, val_share: float = 0.2) -> tuple[DataLoader, DataLoader]:
@@ -112,27 +117,33 @@ class DigitsResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def fit(model: nn.Module, train: DataLoader, epochs: int = 3, lr: float = 3e-3, seed: int = 0) -> nn.Module:
-    """Train with labels only (AdamW, cosine schedule); returns the model in eval mode."""
-    torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * len(train)))
-    model.train()
-    for _ in range(epochs):
-        for x, y in train:
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-            sched.step()
-    return model.eval()
+def fit(model: nn.Module, train: DataLoader, epochs: int = 3, lr: float | str | Sequence[float] = "auto",
+        seed: int = 0, val: DataLoader | None = None, **kwargs) -> nn.Module:
+    """Train with labels only (cross-entropy, AdamW, short warm-up + cosine decay) on the
+    model's device; returns the model in eval mode.
+
+    The same loop as `fxslim.distill` (`fxslim.runtime.train.train`), so a label-only
+    baseline and distillation differ only in their loss: `lr="auto"` chooses this loss's
+    own learning rate by short trials (at most 4 x 32 extra steps), scored on `val` (or on
+    held-out training batches). With `val`, the best epoch is restored and a run cut short
+    is logged as a warning. `kwargs` go to `train` (weight_decay, clip_grad, device, ...);
+    call `fxslim.runtime.train.train(model, labels_only, ...)` for the whole
+    `TrainResult` (chosen lr, history, warnings).
+
+    Example:
+        >>> net = fit(DigitsResNet(), train, epochs=10, val=val)
+    """
+    kwargs.setdefault("clip_grad", None)
+    return _train.train(model, _train.labels_only, train, val, epochs=epochs, lr=lr, seed=seed, **kwargs).model
 
 
 @torch.inference_mode()
 def accuracy(model: nn.Module, data: DataLoader) -> float:
-    """Top-1 accuracy in [0, 1]."""
+    """Top-1 accuracy in [0, 1], on the model's device."""
     model.eval()
+    dev = model_device(model)
     right = total = 0
     for x, y in data:
-        right += (model(x).argmax(1) == y).sum().item()
+        right += (model(x.to(dev)).argmax(1) == y.to(dev)).sum().item()
         total += len(y)
     return right / max(total, 1)

@@ -1,8 +1,10 @@
 """Distillation: the loss against hand-computed values, channel-aligned features, teacher
-mixing, and a real training run on the bundled digits."""
+mixing, real training runs on the bundled digits, the learning-rate choice, the cut-short
+warning and the device the run uses. Tests that mean the CPU say device="cpu"."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -10,6 +12,7 @@ import torch
 from torch import nn
 
 import fxslim
+from fxslim.passes import distill as distill_module
 from fxslim.passes.distill import (
     FeatureDistiller,
     channel_map,
@@ -19,7 +22,9 @@ from fxslim.passes.distill import (
     prune_and_distill,
     thin_copy,
 )
+from fxslim.runtime import _lr
 from fxslim.runtime.examples import DigitsResNet, accuracy, digits_loaders, fit
+from fxslim.runtime.train import TrainResult
 
 
 def test_kd_loss_hand_computed():
@@ -90,7 +95,7 @@ def test_projection_for_another_architecture():
 def digits_teacher():
     torch.manual_seed(0)
     train, val = digits_loaders(seed=0)
-    teacher = fit(DigitsResNet(width=32), train, epochs=4, seed=0)
+    teacher = fit(DigitsResNet(width=32), train, epochs=4, lr=3e-3, seed=0, device="cpu")
     return teacher, train, val
 
 
@@ -101,7 +106,7 @@ def test_distill_recovers_pruned_accuracy_with_and_without_labels(digits_teacher
     before = accuracy(small, val)
     seen = []
     res = distill(small, teacher, train, val, epochs=3, lr=2e-3, features=["block1.0"], progress=False,
-                  callbacks=[lambda e, m, s: seen.append(m)], checkpoint_dir=tmp_path, seed=0)
+                  callbacks=[lambda e, m, s: seen.append(m)], checkpoint_dir=tmp_path, seed=0, device="cpu")
     assert len(res.history) == 3 and len(seen) == 3 and (tmp_path / "best.pt").exists()
     assert {"val_accuracy", "val_precision", "val_recall", "val_f1"} <= set(res.history[-1])
     after = accuracy(res.student, val)
@@ -110,7 +115,7 @@ def test_distill_recovers_pruned_accuracy_with_and_without_labels(digits_teacher
 
     unlabeled = [(xb,) for xb, _ in train]  # teacher targets only
     small2 = fxslim.prune(teacher, x, 0.6, ignore=["fc"])
-    res2 = distill(small2, teacher, unlabeled, val, epochs=3, lr=2e-3, progress=False)
+    res2 = distill(small2, teacher, unlabeled, val, epochs=3, lr=2e-3, progress=False, device="cpu")
     assert accuracy(res2.student, val) >= 0.8
 
 
@@ -120,11 +125,11 @@ def test_thin_copy_and_prune_and_distill(digits_teacher):
     thin = thin_copy(teacher, x, 0.5, ignore=["fc"])
     assert thin.get_submodule("stem.0").out_channels == 16
     assert not torch.equal(thin.get_submodule("stem.0").weight, teacher.stem[0].weight[:16])  # re-initialised
-    res = distill(thin, teacher, train, val, epochs=2, lr=3e-3, progress=False)
+    res = distill(thin, teacher, train, val, epochs=2, lr=3e-3, progress=False, device="cpu")
     assert accuracy(res.student, val) > 0.5
     base = fxslim.count_macs(teacher, x)
     student = prune_and_distill(teacher, x, train, val, target_macs=0.5, steps=2, epochs_per_step=1,
-                                prune_kwargs={"ignore": ["fc"]}, progress=False, lr=2e-3)
+                                prune_kwargs={"ignore": ["fc"]}, progress=False, lr=2e-3, device="cpu")
     assert abs(fxslim.count_macs(student, x) / base - 0.5) <= 0.01
     assert accuracy(student, val) >= 0.85
 
@@ -141,7 +146,7 @@ def test_best_epoch_ties_in_accuracy_go_to_the_lower_validation_loss():
         student.weight.copy_(torch.tensor([[0.1, 0.1], [-0.1, -0.1]]))
         teacher.bias.zero_()
         student.bias.zero_()
-    res = distill(student, teacher, data, data, epochs=4, lr=0.05, alpha=0.0, progress=False)
+    res = distill(student, teacher, data, data, epochs=4, lr=0.05, alpha=0.0, progress=False, device="cpu")
     accs = [h["val_accuracy"] for h in res.history]
     losses = [h["val_loss"] for h in res.history]
     assert accs == [1.0] * 4 and losses[-1] < losses[0]
@@ -165,3 +170,63 @@ def test_mixed_precision_path_trains_on_cpu(digits_teacher):
     assert all(p.dtype == torch.float32 for p in res.student.parameters())
     assert all(math.isfinite(h["train_loss"]) for h in res.history)
     assert accuracy(res.student, val) >= max(before + 0.1, 0.8)
+
+
+def test_auto_lr_is_recorded_and_the_run_is_the_one_with_the_chosen_lr(digits_teacher):
+    teacher, _, _ = digits_teacher
+    x = torch.randn(1, 1, 8, 8)
+    runs = []
+    for lr in ("auto", None):
+        train, val = digits_loaders(seed=0)  # fresh: the loader shuffles from its own generator
+        small = fxslim.prune(teacher, x, 0.6, ignore=["fc"])
+        runs.append(distill(small, teacher, train, val, epochs=2, lr=lr or runs[0].lr, progress=False, seed=1,
+                            device="cpu"))
+    auto, fixed = runs
+    assert auto.lr in _lr.LR_CANDIDATES and set(auto.lr_scores) == set(_lr.LR_CANDIDATES)
+    assert auto.lr == max(_lr.LR_CANDIDATES, key=lambda c: (auto.lr_scores[c][0], -auto.lr_scores[c][1]))
+    assert fixed.lr_scores == {} and auto.history == fixed.history  # the trials left no trace on the run
+    for a, b in zip(auto.student.state_dict().values(), fixed.student.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_cut_short_warning_fires_on_a_short_run_and_not_on_a_converged_one(digits_teacher, caplog):
+    teacher, train, val = digits_teacher
+    x = torch.randn(1, 1, 8, 8)
+    with caplog.at_level(logging.WARNING, logger="fxslim.runtime.train"):
+        short = distill(fxslim.prune(teacher, x, 0.6, ignore=["fc"]), teacher, train, val, epochs=2, lr=3e-4,
+                        progress=False, device="cpu")
+    assert len(short.warnings) == 1 and "cut short" in short.warnings[0]
+    assert "epochs=4" in short.warnings[0] and "higher lr than 0.0003" in short.warnings[0]
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == short.warnings
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fxslim.runtime.train"):
+        done = distill(fxslim.prune(teacher, x, 0.6, ignore=["fc"]), teacher, train, val, epochs=8, lr=3e-3,
+                       progress=False, device="cpu")
+    assert done.warnings == [] and not [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert accuracy(done.student, val) > accuracy(short.student, val)  # the short run was short
+
+
+def test_default_device_is_the_students_even_where_cuda_exists(monkeypatch):
+    """distill used to default to CUDA whenever it existed and hand the student back there.
+    CUDA is faked as present; the loop is stubbed (torch's optimizers would look for CUDA)."""
+    seen = {}
+
+    def fake_train(model, objective, *args, **kwargs):
+        seen["device"] = kwargs["device"]
+        return TrainResult(model, lr=1e-3)
+
+    monkeypatch.setattr(distill_module, "train", fake_train)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    teacher, student = nn.Linear(2, 2), nn.Linear(2, 2)
+    data = [(torch.randn(4, 2), torch.tensor([0, 1, 0, 1]))]
+    distill(student, teacher, data, data, epochs=1, progress=False)
+    assert seen["device"] == torch.device("cpu") and teacher.weight.device.type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_student_trains_there_and_example_helpers_follow_it(digits_teacher):
+    teacher, train, val = digits_teacher
+    small = fxslim.prune(teacher, torch.randn(1, 1, 8, 8), 0.6, ignore=["fc"]).cuda()
+    res = distill(small, teacher, train, val, epochs=2, lr=3e-3, progress=False)
+    assert next(res.student.parameters()).is_cuda
+    assert accuracy(res.student, val) > 0.8  # CPU batches, CUDA model
