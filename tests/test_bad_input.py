@@ -9,6 +9,7 @@ from torch import nn
 
 import fxslim
 from fxslim import cli
+from fxslim.runtime.examples import fit
 
 X = torch.randn(1, 3, 8, 8)
 
@@ -20,6 +21,7 @@ def _model():
 
 M = _model()
 SMALL = fxslim.prune(M, X, 0.5)
+DATA = [(X, torch.zeros(1, dtype=torch.long))]
 
 
 def _cases(tmp):
@@ -88,6 +90,22 @@ def _cases(tmp):
         "load: missing folder": lambda: fxslim.load(tmp / "nosuch", _model()),
         "load: not a save": lambda: fxslim.load(tmp / "full", _model()),
         "load: model is a string": lambda: fxslim.load(tmp / "full", "resnet18"),
+        # distillation and fine-tuning (the data need not be real: nothing may start)
+        "distill: student is a string": lambda: fxslim.distill("s", M, DATA),
+        "distill: no teacher": lambda: fxslim.distill(_model(), [], DATA),
+        "distill: data is a string": lambda: fxslim.distill(_model(), M, "digits"),
+        "distill: epochs 0": lambda: fxslim.distill(_model(), M, DATA, epochs=0),
+        "distill: epochs a string": lambda: fxslim.distill(_model(), M, DATA, epochs="5"),
+        "distill: unknown lr word": lambda: fxslim.distill(_model(), M, DATA, lr="fast"),
+        "distill: negative lr": lambda: fxslim.distill(_model(), M, DATA, lr=-1e-3),
+        "distill: alpha 2": lambda: fxslim.distill(_model(), M, DATA, alpha=2),
+        "distill: temperature 0": lambda: fxslim.distill(_model(), M, DATA, temperature=0),
+        "distill: unknown feature layer": lambda: fxslim.distill(_model(), M, DATA, features=["nosuch"]),
+        "distill: teacher weights per teacher": lambda: fxslim.distill(_model(), M, DATA, teacher_weights=[1, 2]),
+        "distill: unknown device": lambda: fxslim.distill(_model(), M, DATA, device="gpu0"),
+        "distill: checkpoint dir an int": lambda: fxslim.distill(_model(), M, DATA, checkpoint_dir=3),
+        "fit: epochs -1": lambda: fit(_model(), DATA, epochs=-1),
+        "fit: lr a string": lambda: fit(_model(), DATA, lr="1e-3"),
         # measuring
         "compare: a list": lambda: fxslim.compare([M], X),
         "compare: not a module": lambda: fxslim.compare({"a": "m"}, X),

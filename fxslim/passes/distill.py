@@ -28,8 +28,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxslim.errors import FxslimError
-from fxslim.runtime.train import Bound, Objective, evaluate, model_device, train
+from fxslim._args import check_module, module_paths, number
+from fxslim.errors import ArgumentError, FxslimError
+from fxslim.runtime.train import (
+    Bound,
+    Objective,
+    check_training_args,
+    evaluate,
+    model_device,
+    train,
+)
 
 __all__ = [
     "DistillResult",
@@ -188,6 +196,31 @@ def _kd_objective(teachers: list[nn.Module], alpha: float, temperature: float,
     return bind
 
 
+def _check_kd_args(student: Any, teachers: list, alpha: Any, temperature: Any, teacher_weights: Any,
+                   features: Any, student_features: Any, project_features: bool, feature_weight: Any) -> None:
+    check_module("student", student)
+    if not teachers:
+        raise ArgumentError("teacher: give a model or a non-empty sequence of models")
+    for i, t in enumerate(teachers):
+        check_module(f"teacher[{i}]" if len(teachers) > 1 else "teacher", t)
+    number("alpha", alpha, 0.0, 1.0)
+    number("temperature", temperature, 0.0, lo_open=True)
+    number("feature_weight", feature_weight, 0.0)
+    if teacher_weights is not None:
+        if isinstance(teacher_weights, (str, bytes)) or not isinstance(teacher_weights, Sequence) \
+                or len(teacher_weights) != len(teachers):
+            raise ArgumentError(f"teacher_weights must be one number per teacher ({len(teachers)}), "
+                                f"got {teacher_weights!r}")
+        for i, w in enumerate(teacher_weights):
+            number(f"teacher_weights[{i}]", w, 0.0)
+    if features:
+        t_paths = module_paths(teachers[0], features, "features (teacher layers)")
+        s_paths = module_paths(student, features if student_features is None else student_features,
+                               "features (student layers)" if student_features is None else "student_features")
+        if len(s_paths) != len(t_paths):
+            raise ArgumentError("student_features must name one student layer per teacher feature layer")
+
+
 def distill(
     student: nn.Module,
     teacher: nn.Module | Sequence[nn.Module],
@@ -255,9 +288,12 @@ def distill(
         >>> res = fxslim.distill(small, model, train, val, epochs=3, features=["layer1.0.conv1"])
         >>> res.lr, res.warnings
     """
+    teachers = list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
+    _check_kd_args(student, teachers, alpha, temperature, teacher_weights, features, student_features,
+                   project_features, feature_weight)
+    check_training_args(student, train_data, val_data, epochs, lr, weight_decay, clip_grad, device, checkpoint_dir)
     torch.manual_seed(seed)
     dev = torch.device(device) if device is not None else model_device(student)
-    teachers = list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
     saved = [(t, t.training, [(p, p.requires_grad) for p in t.parameters()]) for t in teachers]
     for t in teachers:
         t.to(dev).eval()

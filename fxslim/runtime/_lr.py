@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fxslim.errors import FxslimError
+from fxslim.errors import ArgumentError
 
 __all__ = [
     "LR_CANDIDATES",
@@ -46,12 +46,12 @@ def lr_candidates(lr: float | str | Sequence[float]) -> tuple[float, ...]:
     """The learning rates to try: one (a number), the default grid ("auto"), or the user's."""
     if isinstance(lr, str):
         if lr != "auto":
-            raise FxslimError(f"lr={lr!r}: pass a positive number, 'auto', or a sequence of numbers to try")
+            raise ArgumentError(f"lr={lr!r}: pass a positive number, 'auto', or a sequence of numbers to try")
         return LR_CANDIDATES
     values = tuple(lr) if isinstance(lr, Sequence) else (lr,)
     if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
                               and math.isfinite(v) for v in values):
-        raise FxslimError(f"lr={lr!r}: pass a positive number, 'auto', or a sequence of numbers to try")
+        raise ArgumentError(f"lr={lr!r}: pass a positive number, 'auto', or a sequence of numbers to try")
     return tuple(float(v) for v in values)
 
 

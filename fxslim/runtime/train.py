@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxslim.errors import FxslimError
+from fxslim._args import check_module, number, positive_int
+from fxslim.errors import ArgumentError, FxslimError
 from fxslim.runtime import _lr
 from fxslim.runtime.metrics import classification_metrics
 
@@ -261,6 +262,28 @@ def _trials(model, objective, train_data, val_data, candidates, seed, dev, use_a
     return best, scores
 
 
+def check_training_args(model: Any, train_data: Any, val_data: Any, epochs: Any, lr: Any, weight_decay: Any,
+                        clip_grad: Any, device: Any, checkpoint_dir: Any) -> None:
+    """ArgumentError for what `train` (and so `distill` and `fit`) cannot take, before any work."""
+    check_module("model", model)
+    _lr.lr_candidates(lr)
+    for name, data in (("train_data", train_data), ("val_data", val_data)):
+        if data is not None and (isinstance(data, (str, bytes, torch.Tensor)) or not isinstance(data, Iterable)):
+            raise ArgumentError(f"{name} must be an iterable of batches (e.g. a DataLoader), got {type(data).__name__}")
+    if train_data is None:
+        raise ArgumentError("train_data is required")
+    positive_int("epochs", epochs)
+    number("weight_decay", weight_decay, 0.0)
+    number("clip_grad", clip_grad, 0.0, lo_open=True, none=True)
+    if device is not None:
+        try:
+            torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ArgumentError(f"device must be e.g. 'cpu', 'cuda' or 'cuda:0', got {device!r}") from exc
+    if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
+        raise ArgumentError(f"checkpoint_dir must be a path, got {type(checkpoint_dir).__name__}")
+
+
 def train(
     model: nn.Module,
     objective: Objective,
@@ -295,6 +318,7 @@ def train(
         >>> res = train(net, labels_only, train_loader, val_loader, epochs=10)
         >>> res.lr, res.best_epoch, res.warnings
     """
+    check_training_args(model, train_data, val_data, epochs, lr, weight_decay, clip_grad, device, checkpoint_dir)
     candidates = _lr.lr_candidates(lr)
     dev = torch.device(device) if device is not None else model_device(model)
     use_amp = (dev.type == "cuda") if amp is None else bool(amp)
