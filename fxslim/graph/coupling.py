@@ -147,6 +147,9 @@ class Builder:
         self.pending: dict[tuple[str, int], str] = {}
         # node name -> the weight whose kept share scales its MACs (conv, linear)
         self.weights: dict[str, str] = {}
+        # node name -> (projection weight, heads space) of an attention op: its projection
+        # MACs scale with the weight's kept share, its attention MACs with the kept heads
+        self.attention: dict[str, tuple[str, int]] = {}
         # splits of one dim into factors, coupled at the end (see `defer_split`)
         self.splits: list[tuple[int, list[int], str]] = []
         self.out: dict[fx.Node, Any] = {}
