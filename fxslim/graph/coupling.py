@@ -150,6 +150,9 @@ class Builder:
         self.pending: dict[tuple[str, int], str] = {}
         # node name -> the weight whose kept share scales its MACs (conv, linear)
         self.weights: dict[str, str] = {}
+        # node name -> (projection weight, heads space) of an attention op: its projection
+        # MACs scale with the weight's kept share, its attention MACs with the kept heads
+        self.attention: dict[str, tuple[str, int]] = {}
         # splits of one dim into factors, coupled at the end (see `defer_split`)
         self.splits: list[tuple[int, list[int], str]] = []
         self.out: dict[fx.Node, Any] = {}
@@ -248,16 +251,18 @@ class Builder:
         self.splits.append((src, factors, reason))
 
     def resolve_splits(self) -> None:
+        pinned = {self.find(p) for p in self.pins}  # no unions from here on: roots are stable
         for src, factors, reason in self.splits:
             sizes = [self.sizes[s] for s in factors]
-            cands = [k for k, s in enumerate(factors) if sizes[k] > 1 and not self.is_pinned(s)]
-            k = cands[0] if cands and not self.is_pinned(src) else 0
+            cands = [k for k, s in enumerate(factors) if sizes[k] > 1 and self.find(s) not in pinned]
+            k = cands[0] if cands and self.find(src) not in pinned else 0
             inner = int(np.prod(sizes[k + 1:]))
             f = np.arange(self.sizes[src])
             self.link(src, f, factors[k], (f // inner) % sizes[k])
             for j, s in enumerate(factors):
                 if j != k:
                     self.pin(s, reason)
+                    pinned.add(self.find(s))
         self.splits.clear()
 
     def flush_pending(self) -> None:

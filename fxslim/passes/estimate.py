@@ -5,9 +5,10 @@ plan slices, kept / original.
 
 MACs come from one forward under ``torch.utils.flop_counter`` per node, then scale with
 the plan: a Conv/Linear node, module or function form, by its weight's kept fraction
-(MACs = weight size x output positions, grouped convs included), a matmul-like node (matmul, bmm, einsum, F.linear)
-by the kept fraction of every distinct index set it touches, `nn.MultiheadAttention` by
-its projections' weight fraction and its attention part by the kept share of heads.
+(MACs = weight size x output positions, grouped convs included), a matmul-like node
+(matmul, bmm, einsum) by the kept fraction of every distinct index set it touches, an attention op
+(`nn.MultiheadAttention`, torchvision's Swin window attention) by its projections'
+weight fraction and its attention part by the kept share of heads.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import fx, nn
+from torch import fx
 from torch.utils.flop_counter import FlopCounterMode
 
 from fxslim.graph.coupling import CouplingGraph, iter_spaces
@@ -45,7 +46,7 @@ class CostModel:
 
     def _measure(self, xs: tuple) -> None:
         macs = self.node_macs
-        modules = dict(self.gm.named_modules())
+        attention = self.cg.builder.attention
 
         class Count(fx.Interpreter):
             def run_node(self, n: fx.Node) -> Any:
@@ -56,7 +57,7 @@ class CostModel:
                 counts = fc.get_flop_counts().get("Global", {})
                 total = sum(counts.values()) / 2
                 if total:
-                    if isinstance(modules.get(n.target), nn.MultiheadAttention):
+                    if n.name in attention:  # projections (mm) apart from the attention (bmm)
                         proj = sum(v for k, v in counts.items() if "mm" in str(k) and "bmm" not in str(k)) / 2
                         macs[n.name] = (proj, total - proj)
                     else:
@@ -87,7 +88,6 @@ class CostModel:
         """MACs after a plan (see the module docstring for the scaling rules)."""
         cg, b = self.cg, self.cg.builder
         nodes = {n.name: n for n in self.gm.graph.nodes}
-        modules = dict(self.gm.named_modules())
 
         def ratio(space: int) -> float:
             c = int(cg.class_of[space])
@@ -97,13 +97,12 @@ class CostModel:
         total = 0.0
         for name, (proj, attn) in self.node_macs.items():
             node = nodes[name]
-            mod = modules.get(node.target) if node.op == "call_module" else None
             weight = b.weights.get(name)  # conv / linear, module or function form
             if weight is not None:
                 total += proj * self._kept_fraction(keep, weight)
-            elif isinstance(mod, nn.MultiheadAttention):
-                heads = ratio(b.out[node.args[0]][-1])
-                total += proj * self._kept_fraction(keep, f"{node.target}.in_proj_weight") + attn * heads
+            elif name in b.attention:  # MultiheadAttention, Swin's window attention
+                weight, heads = b.attention[name]
+                total += proj * self._kept_fraction(keep, weight) + attn * ratio(heads)
             else:  # matmul-like: every distinct index set it touches scales it once
                 classes = {}
                 for s in list(iter_spaces(b.out.get(node))) + [

@@ -739,3 +739,48 @@ def test_timm_attention_prunes_whole_heads():
         torch.testing.assert_close(small(TOKENS), dead(TOKENS), rtol=1e-5, atol=1e-6)
     with pytest.raises(fxslim.PlanMismatchError, match="coupled"):
         fxslim.prune_channels(model, TOKENS, {"attn.qkv": list(range(8, 16))})  # q rows only
+
+
+class TorchvisionSwin(nn.Module):
+    """torchvision's Swin blocks (shifted window attention, relative-position bias, patch
+    merging): wrapped functions, each with a rule."""
+
+    def __init__(self, v2: bool = False):
+        from torchvision.models import swin_transformer as swin
+
+        super().__init__()
+        block = swin.SwinTransformerBlockV2 if v2 else swin.SwinTransformerBlock
+        merge = swin.PatchMergingV2 if v2 else swin.PatchMerging
+        self.stem = nn.Conv2d(3, 16, 2, stride=2)
+        self.blocks = nn.Sequential(block(16, 4, [4, 4], [0, 0]), block(16, 4, [4, 4], [2, 2]))
+        self.merge = merge(16)
+        self.block3 = block(32, 4, [4, 4], [0, 0])
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        x = self.merge(self.blocks(self.stem(x).permute(0, 2, 3, 1)))
+        return self.head(self.block3(x).mean((1, 2)))
+
+
+@pytest.mark.parametrize("v2", [False, True])
+def test_torchvision_swin_prunes_whole_heads(v2):
+    torch.manual_seed(0)
+    model = TorchvisionSwin(v2).eval()
+    x = torch.randn(2, 3, 20, 20)  # 10 x 10 tokens: padded to the 4 x 4 windows and sliced back
+    for seed in range(2):
+        _gm, cg, pruned = check_oracles(model, x, seed=seed, expect_prunable=2)
+        check_oracles(pruned, x, seed=seed + 10, expect_prunable=1)
+    stream = cg.group_of("stem.weight", 0)  # the embed dim is the heads: blocks of head_dim 4
+    assert stream.size == 4 and stream is cg.group_of("blocks.0.attn.qkv.weight", 1)
+    assert stream is cg.group_of("blocks.1.attn.qkv.weight", 0) is cg.group_of("blocks.1.attn.proj.weight", 0)
+    table = "blocks.0.attn.cpb_mlp.2.weight" if v2 else "blocks.0.attn.relative_position_bias_table"
+    assert stream is cg.group_of(table, 0 if v2 else 1)
+    small = fxslim.prune_channels(model, x, {"stem": [4, 5, 6, 7]})  # head 1 of every block
+    calls = [n for n in small.graph.nodes if getattr(n.target, "__name__", "") == "shifted_window_attention"]
+    assert [n.args[5] for n in calls] == [3, 3, 4]  # num_heads follows, head_dim stays 4
+    assert small.get_submodule("blocks.0.attn.qkv").weight.shape == (36, 12)
+    assert small.merge.reduction.weight.shape == (32, 48)  # 4 x 12 merged channels in
+    if v2:
+        assert small.get_submodule("blocks.1.attn").logit_scale.shape == (3, 1, 1)
+    with torch.inference_mode():
+        assert small(x).shape == (2, 3)

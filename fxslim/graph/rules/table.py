@@ -21,14 +21,19 @@ from fxslim.graph.rules.layers import (
     couple_layernorm,
     couple_linear,
     couple_mha,
+    couple_patch_merging_pad,
     couple_prelu,
+    couple_relative_position_bias,
     couple_stat_dim,
+    couple_window_attention,
     fix_conv_groups,
     fix_group_norm_fn,
     fix_layer_norm_fn,
+    fix_window_attention,
     literal_dims_conv,
     literal_dims_group_norm,
     literal_dims_layer_norm,
+    literal_dims_window_attention,
     sync_batchnorm,
     sync_conv,
     sync_conv_transpose,
@@ -39,6 +44,7 @@ from fxslim.graph.rules.layers import (
     sync_mha,
     sync_prelu,
 )
+from fxslim.graph.rules.operands import FUNCTION_ARGS
 from fxslim.graph.rules.tensor_ops import (
     _pool,
     _reduce,
@@ -231,11 +237,12 @@ _LITERAL_DIMS = {
     fix_layer_norm_fn: literal_dims_layer_norm,
     fix_group_norm_fn: literal_dims_group_norm,
     fix_conv_groups: literal_dims_conv,
+    fix_window_attention: literal_dims_window_attention,
 }
 
 
 def _register_torchvision() -> None:
-    """torchvision's wrapped ops that are plain identities on channels."""
+    """torchvision's wrapped ops: identities on channels, and Swin's window attention."""
     try:
         from torchvision.ops import stochastic_depth
         from torchvision.ops.misc import Permute
@@ -243,6 +250,17 @@ def _register_torchvision() -> None:
         return
     register_rule(stochastic_depth, same_as_input)  # drops whole samples or rows, never channels
     register_rule(Permute, couple_permute)
+    try:
+        from torchvision.models import swin_transformer as swin
+    except ImportError:  # pragma: no cover - older torchvision
+        return
+    FUNCTION_ARGS[swin.shifted_window_attention] = (
+        "input", "qkv_weight", "proj_weight", "relative_position_bias", "window_size", "num_heads",
+        "shift_size", "attention_dropout", "dropout", "qkv_bias", "proj_bias", "logit_scale", "training")
+    register_rule(swin.shifted_window_attention, couple_window_attention,
+                  fix_literals=fix_window_attention)  # whole heads; num_heads follows C
+    register_rule(swin._get_relative_position_bias, couple_relative_position_bias)  # table columns = heads
+    register_rule(swin._patch_merging_pad, couple_patch_merging_pad)  # out[k*C + c] = in[c], k < 4
 
 
 _register_torchvision()
