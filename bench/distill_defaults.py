@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import fxslim
-from bench.distill_table import datasets, teacher_fit
+from bench.distill_table import datasets, teacher_for
 from fxslim.passes.distill import distill
 from fxslim.runtime.examples import accuracy
 
@@ -44,10 +44,7 @@ def adam_loop(model: torch.nn.Module, data, epochs: int, seed: int) -> torch.nn.
 
 
 def rows_for(name, make, train, recover, val, test, x, t_epochs) -> list[str]:
-    torch.manual_seed(0)  # the teacher of bench.distill_table
-    torch.set_num_threads(2)  # bench.distill_table's teachers were trained on 2 threads
-    teacher = teacher_fit(make(), train, t_epochs)
-    torch.set_num_threads(1)  # as bench.distill_table's recovery runs
+    teacher = teacher_for(make, train, t_epochs)  # bench.distill_table's
     rows = []
     for budget in (0.5, 0.25):
         for epochs in EPOCHS:
@@ -71,6 +68,7 @@ def rows_for(name, make, train, recover, val, test, x, t_epochs) -> list[str]:
 
 
 def table() -> str:
+    torch.set_num_threads(1)  # as bench.distill_table's recovery runs
     rows = [(f"| data | MACs kept | epochs | Adam loop, lr 1e-3 (% test, {len(SEEDS)} seeds) | `fxslim.distill` "
              "defaults | distill - Adam (± s.e.) | lr chosen | cut-short warnings |"),
             "|---|---|---|---|---|---|---|---|"]

@@ -17,6 +17,7 @@ it (the original data at hand only in part, the common case).
 from __future__ import annotations
 
 import collections
+import os
 import statistics
 import sys
 
@@ -91,11 +92,29 @@ def _mnist1d_net() -> torch.nn.Module:
     return MNIST1DCNN(width=64)
 
 
-def run(name, make, train, recover, val, test, x, feats, t_epochs, epochs) -> list[str]:
+def teacher_for(make, train: DataLoader, t_epochs: int) -> torch.nn.Module:
+    """The block's teacher: trained by `teacher_fit` on 2 threads (as for every table so far),
+    or loaded from $FXSLIM_BENCH_TEACHERS/<model>-<epochs>.pt where an earlier run saved it
+    (to split the benches over processes without training each teacher again)."""
     torch.manual_seed(0)  # the same teacher whichever datasets run before
-    torch.set_num_threads(2)  # the teachers of the earlier tables were trained on 2 threads
-    teacher = teacher_fit(make(), train, t_epochs)
-    torch.set_num_threads(1)  # recovery: tiny ops, where a second thread mostly waits (and a busy machine stalls it)
+    model = make()
+    cache = os.environ.get("FXSLIM_BENCH_TEACHERS")
+    path = os.path.join(cache, f"{type(model).__name__}-{t_epochs}.pt") if cache else None
+    if path and os.path.exists(path):
+        model.load_state_dict(torch.load(path))
+        return model.eval()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    teacher = teacher_fit(model, train, t_epochs)
+    torch.set_num_threads(threads)
+    if path:
+        os.makedirs(cache, exist_ok=True)
+        torch.save(teacher.state_dict(), path)
+    return teacher
+
+
+def run(name, make, train, recover, val, test, x, feats, t_epochs, epochs) -> list[str]:
+    teacher = teacher_for(make, train, t_epochs)
     t_acc = accuracy(teacher, test)
     rows = [f"| {name} | teacher | {t_epochs} | 1.00 | {t_acc * 100:.2f} | - | - | - |"]
     head = "fc"
@@ -148,6 +167,7 @@ def _paired(accs: list[float], base: list[float]) -> str:
 
 
 def table(names: tuple[str, ...] = ()) -> str:
+    torch.set_num_threads(1)  # recovery: tiny ops, where a second thread mostly waits (and stalls on a busy machine)
     rows = [(f"| data | method | epochs | MACs kept | lr chosen | test accuracy % ({len(SEEDS)} seeds) "
              "| vs teacher | vs label-only (± s.e.) |"),
             "|---|---|---|---|---|---|---|---|"]

@@ -16,8 +16,9 @@ whole choice costs at most len(candidates) x MAX_TRIAL_STEPS steps plus one shor
 evaluation per candidate, whatever the number of epochs.
 
 Cut short: the best epoch is the last one and its validation accuracy beats every earlier
-epoch by more than one standard error of a validation accuracy, sqrt(p (1 - p) / n): the
-run was still improving measurably when it stopped.
+epoch by more than one standard error of a validation accuracy, sqrt(p (1 - p) / n), and
+by more than one example (near 100% the standard error is under one example): the run
+was still improving measurably when it stopped.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def cut_short_warning(history: Sequence[dict[str, float]], val_count: int, lr: f
     last, before = accs[-1], max(accs[:-1])
     p = min(max(last, 1.0 / val_count), 1.0 - 1.0 / val_count)
     se = math.sqrt(p * (1.0 - p) / val_count)
-    if last - before <= se:
+    gained = round(last * val_count) - round(before * val_count)  # examples; accuracies are float32
+    if last - before <= se or gained <= 1:
         return None
     epochs = len(history)
     knob = f"train longer (epochs={2 * epochs})"
@@ -94,4 +96,5 @@ def cut_short_warning(history: Sequence[dict[str, float]], val_count: int, lr: f
     elif top_candidate:
         knob += f" or allow a higher lr than {lr:g}, the largest tried (lr=[...])"
     return (f"the last epoch was the best and still improving (validation accuracy {before:.4f} -> {last:.4f}, "
-            f"more than one standard error, {se:.4f}): the run was probably cut short; {knob}")
+            f"{gained} of {val_count} examples, more than one standard error, {se:.4f}): the run was probably cut "
+            f"short; {knob}")

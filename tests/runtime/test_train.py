@@ -73,6 +73,9 @@ def test_cut_short_warning_rule():
     assert "epochs=6" in msg and "higher lr" not in msg  # the lr was chosen below the top: more epochs
     assert _lr.cut_short_warning(_history([0.95, 0.97, 0.975]), 400, 1e-3, False, False) is None  # < 1 s.e.
     assert _lr.cut_short_warning(_history([0.90, 0.97, 0.96]), 400, 1e-3, False, False) is None  # best earlier
+    # near the ceiling one standard error is under one example: one more right is not "improving"
+    assert _lr.cut_short_warning(_history([358 / 359, 359 / 359]), 359, 1e-3, False, False) is None
+    assert _lr.cut_short_warning(_history([357 / 359, 359 / 359]), 359, 1e-3, False, False) is not None
     assert _lr.cut_short_warning(_history([0.5]), 400, 1e-3, False, False) is None
     assert _lr.cut_short_warning([{"epoch": 0}, {"epoch": 1}], 0, 1e-3, False, False) is None  # no validation
 
