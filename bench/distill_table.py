@@ -116,7 +116,7 @@ def teacher_for(make, train: DataLoader, t_epochs: int) -> torch.nn.Module:
 def run(name, make, train, recover, val, test, x, feats, t_epochs, epochs) -> list[str]:
     teacher = teacher_for(make, train, t_epochs)
     t_acc = accuracy(teacher, test)
-    rows = [f"| {name} | teacher | {t_epochs} | 1.00 | {t_acc * 100:.2f} | - | - | - |"]
+    rows = [f"| {name} | teacher | {t_epochs} | 1.00 | 3e-03 (given) | {t_acc * 100:.2f} | - | - |"]
     head = "fc"
     for budget in (0.5, 0.25):
         res: dict[str, list[float]] = {}

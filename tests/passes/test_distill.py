@@ -190,8 +190,9 @@ def test_auto_lr_is_recorded_and_the_run_is_the_one_with_the_chosen_lr(digits_te
 
 
 def test_cut_short_warning_fires_on_a_short_run_and_not_on_a_converged_one(digits_teacher, caplog):
-    teacher, train, val = digits_teacher
+    teacher, _, _ = digits_teacher
     x = torch.randn(1, 1, 8, 8)
+    train, val = digits_loaders(seed=0)  # fresh: what the runs see must not depend on earlier tests
     with caplog.at_level(logging.WARNING, logger="fxslim.runtime.train"):
         short = distill(fxslim.prune(teacher, x, 0.6, ignore=["fc"]), teacher, train, val, epochs=2, lr=3e-4,
                         progress=False, device="cpu")
@@ -199,6 +200,7 @@ def test_cut_short_warning_fires_on_a_short_run_and_not_on_a_converged_one(digit
     assert "epochs=4" in short.warnings[0] and "higher lr than 0.0003" in short.warnings[0]
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == short.warnings
     caplog.clear()
+    train, val = digits_loaders(seed=0)
     with caplog.at_level(logging.WARNING, logger="fxslim.runtime.train"):
         done = distill(fxslim.prune(teacher, x, 0.6, ignore=["fc"]), teacher, train, val, epochs=8, lr=3e-3,
                        progress=False, device="cpu")
