@@ -1,33 +1,54 @@
 """The `fxslim` command (also ``python -m fxslim``).
 
     fxslim demo [--ratio 0.5]                       the main job on the built-in digits model
-    fxslim groups torchvision:resnet18 --shape 1,3,224,224
-    fxslim prune  torchvision:resnet18 --shape 1,3,224,224 --ratio 0.5 --ignore fc
-    fxslim run    examples/digits.yaml [--out runs/digits] [--dry-run]
+    fxslim groups  torchvision:resnet18 --shape 1,3,224,224
+    fxslim prune   torchvision:resnet18 --ratio 0.5 --ignore fc [--save DIR]
+    fxslim distill STUDENT --teacher TEACHER [--data SPEC] -o DIR
+    fxslim export  MODEL -o model.onnx
+    fxslim bench   MODEL [MODEL ...] [--onnx FILE ...] [-o bench.json]
+    fxslim report  BEFORE [AFTER ...] -o DIR
+    fxslim run     examples/digits.yaml [--out runs/digits] [--dry-run]
 
+Every subcommand takes the pipeline's model specs and prints text, or with ``--json`` one
+JSON object on stdout (progress lines and bars go to stderr). distill / export / bench /
+report run the pipeline's own step implementations (`fxslim.pipeline.oneshot`).
 Arguments are parsed and checked before torch is imported, so ``--help`` is instant and a
-bad ratio, shape or model spec is one line on stderr (exit status 2) before any work.
+bad ratio, shape, spec, option or output path is one line on stderr (exit status 2)
+before any work.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
-import time
-from typing import Any
 
 from fxslim.errors import FxslimError
 
 __all__ = ["main"]
 
+_RUN = "runs/digits/steps"  # the run directory of `fxslim run examples/digits.yaml`
 _EXAMPLES = {
-    "demo": "examples:\n  fxslim demo\n  fxslim demo --ratio 0.7 --finetune 3 --threads 1",
+    "demo": "examples:\n  fxslim demo\n  fxslim demo --ratio 0.7 --finetune 3 --threads 1 --json",
     "groups": "examples:\n  fxslim groups torchvision:resnet18\n  fxslim groups digits --shape 1,1,8,8 --json",
     "prune": "examples:\n  fxslim prune torchvision:resnet50 --ratio 0.5 --ignore fc\n"
-             "  fxslim prune runs/x/steps/02-prune/model --arch digits --shape 1,1,8,8 --ratio 0.3",
+             f"  fxslim prune {_RUN}/01-finetune/model --arch digits --ratio 0.3 --save small --json",
+    "distill": "examples (after `fxslim run examples/digits.yaml`):\n"
+               f"  fxslim distill {_RUN}/02-prune/model --arch digits \\\n"
+               f"      --teacher {_RUN}/01-finetune/model --epochs 3 -o distilled\n"
+               "  fxslim distill pruned/ --arch mypkg.nets:net --teacher mypkg.nets:trained_net \\\n"
+               "      --data mypkg.data:loaders --shape 1,3,224,224 -o distilled --json",
+    "export": "examples:\n  fxslim export torchvision:resnet18 -o resnet18.onnx\n"
+              "  fxslim export distilled/model --arch digits -o digits.onnx --opset 18 --json",
+    "bench": "examples:\n  fxslim bench torchvision:resnet18 --batch-sizes 1 8 --runs 50\n"
+             f"  fxslim bench {_RUN}/01-finetune/model distilled/model --arch digits \\\n"
+             "      --onnx - digits.onnx -o bench.json --json",
+    "report": "examples:\n"
+              f"  fxslim report {_RUN}/01-finetune/model distilled/model --arch digits -o report\n"
+              "  fxslim report torchvision:resnet18 small --arch torchvision:resnet18 --runs 20 -o report --json",
     "run": "examples:\n  fxslim run examples/digits.yaml\n  fxslim run examples/digits.yaml --dry-run\n"
-           "  fxslim run pipeline.toml --out runs/mine",
+           "  fxslim run pipeline.toml --out runs/mine --json",
 }
 
 
@@ -87,15 +108,21 @@ def _model_spec(text: str) -> str:
     return text
 
 
-class _Progress:
-    """One line per stage on stderr with its time, for commands that take a while."""
+def _data_spec(text: str) -> str:
+    from fxslim.pipeline.specs import check_data_spec
 
-    def __init__(self, quiet: bool = False):
-        self.quiet, self.t0 = quiet, time.perf_counter()
+    try:
+        check_data_spec(text)
+    except FxslimError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
-    def __call__(self, msg: str) -> None:
-        if not self.quiet:
-            print(f"[{time.perf_counter() - self.t0:6.1f} s] {msg}", file=sys.stderr, flush=True)
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
 
 
 def _setup_threads(n: int) -> None:
@@ -104,119 +131,8 @@ def _setup_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
-def _model(args: argparse.Namespace, say: _Progress) -> Any:
-    from fxslim.pipeline.specs import resolve_model
-
-    say(f"loading {args.model}")
-    return resolve_model(args.model, getattr(args, "arch", None))
-
-
-def _inputs(args: argparse.Namespace) -> Any:
-    import torch
-
-    from fxslim.pipeline.specs import BUILTIN
-
-    shape = args.shape or (BUILTIN[args.model][2] if args.model in BUILTIN else
-                           BUILTIN[args.arch][2] if getattr(args, "arch", None) in BUILTIN else (1, 3, 224, 224))
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    import copy
-
-    import torch
-
-    import fxslim
-    from fxslim.runtime.compare import compare
-    from fxslim.runtime.examples import DigitsResNet, accuracy, digits_loaders, fit
-
-    say = _Progress()
-    torch.manual_seed(args.seed)
-    t0 = time.perf_counter()
-    train, val = digits_loaders(seed=args.seed)
-    say(f"training DigitsResNet for {args.epochs} epochs ({args.threads} thread(s))")
-    model = fit(DigitsResNet(), train, epochs=args.epochs, lr=3e-3, seed=args.seed)  # lr given: a fast demo
-    x = torch.randn(1, 1, 8, 8)
-    say(f"pruning {args.ratio:.0%} of every channel group")
-    small = fxslim.prune(model, x, args.ratio, ignore=["fc"])
-    acc0, acc1 = accuracy(model, val), accuracy(small, val)
-    tuned = None
-    if args.finetune:
-        from fxslim.passes.distill import distill
-
-        say(f"distilling the pruned model for {args.finetune} epochs")
-        tuned = distill(copy.deepcopy(small), model, train, val, epochs=args.finetune, lr=2e-3,
-                        seed=args.seed, progress=sys.stderr.isatty()).student
-    say("measuring latency")
-    models = {"original": model, f"pruned {args.ratio:.0%}": small}
-    extra = {"original": {"val acc": f"{acc0:.3f}"}, f"pruned {args.ratio:.0%}": {"val acc": f"{acc1:.3f}"}}
-    if tuned is not None:
-        models[f"pruned + {args.finetune} ep distillation"] = tuned
-        extra[f"pruned + {args.finetune} ep distillation"] = {"val acc": f"{accuracy(tuned, val):.3f}"}
-    print(f"fxslim demo: DigitsResNet on sklearn digits (1797 8x8 images), prune ratio {args.ratio}")
-    print(compare(models, x, threads=1, runs=200, extra=extra))
-    print(f"({time.perf_counter() - t0:.1f} s; latency: batch 1, torch eager, 1 thread)")
-    return 0
-
-
-def cmd_groups(args: argparse.Namespace) -> int:
-    import fxslim
-
-    say = _Progress(args.json)
-    model = _model(args, say)
-    say("tracing and analysing")
-    groups = fxslim.channel_groups(model, _inputs(args))
-    if args.json:
-        print(json.dumps([{"id": g.id, "size": g.size, "prunable": g.prunable,
-                           "pinned": g.reason, "text": str(g)}
-                          for g in groups], indent=1))
-    else:
-        for g in groups:
-            print(g)
-    return 0
-
-
-def cmd_prune(args: argparse.Namespace) -> int:
-    import fxslim
-    from fxslim.runtime.compare import compare
-    from fxslim.runtime.measure import count_macs, count_params, measure_latency
-
-    say = _Progress(args.json)
-    model = _model(args, say)
-    x = _inputs(args)
-    say(f"tracing and pruning {args.ratio:.0%} of every channel group")
-    small = fxslim.prune(model, x, args.ratio, ignore=args.ignore)
-    say(f"measuring ({args.runs} runs, {args.threads} thread(s))")
-    if args.json:
-        row = {}
-        for name, m in (("original", model), ("pruned", small)):
-            lat = measure_latency(m, x, runs=args.runs, threads=args.threads)
-            row[name] = {"params": count_params(m), "macs": count_macs(m, x),
-                         "torch_p50_ms": lat["median_ms"], "torch_p90_ms": lat["p90_ms"]}
-        print(json.dumps(row, indent=1))
-    else:
-        print(compare({"original": model, "pruned": small}, x, threads=args.threads, runs=args.runs))
-    if args.save:
-        fxslim.save(small, args.save)
-        say(f"saved to {args.save} (load with fxslim.load, or as a model spec with --arch {args.model})")
-    return 0
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    from fxslim.pipeline.config import load_config
-
-    config = load_config(args.config)  # every problem reported before anything runs
-    if args.threads is not None:
-        config = config.model_copy(update={"threads": args.threads})
-    from fxslim.pipeline.runner import run_pipeline
-
-    out = run_pipeline(config, args.out, dry_run=args.dry_run, force=args.force,
-                       log=None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True)))
-    if args.dry_run:
-        print(out)
-    else:
-        print(f"run directory: {out}")
-    return 0
+_MODEL_HELP = ("model spec: digits, mnist1d, torchvision:NAME[@WEIGHTS], timm:NAME, "
+               "package.module:function, or a saved fxslim directory (with --arch)")
 
 
 def _build() -> argparse.ArgumentParser:
@@ -226,73 +142,140 @@ def _build() -> argparse.ArgumentParser:
                 "measure and report, from the command line or a pipeline config.")
     p.add_argument("--version", action="version", version=f"fxslim {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", parser_class=_Parser)
-    fmt = argparse.RawDescriptionHelpFormatter
 
-    def common(q: argparse.ArgumentParser, threads: int | None = 1) -> None:
+    def command(name: str, help: str, threads: int | None = 1) -> argparse.ArgumentParser:
+        q = sub.add_parser(name, help=help, description=help, epilog=_EXAMPLES[name],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         default = f"default {threads}" if threads else "default: the config's `threads`, else 1"
         q.add_argument("--threads", type=_positive, default=threads,
                        help=f"torch intra-op threads for the whole command ({default}; "
                             "more threads than free cores is slower, not faster)")
+        q.add_argument("--json", action="store_true", help="print one JSON object on stdout for scripts "
+                       "(progress stays on stderr)")
+        q.add_argument("--quiet", action="store_true", help="no progress lines or bars on stderr")
+        return q
 
-    d = sub.add_parser("demo", help="train, prune, distil and measure the built-in digits model",
-                       epilog=_EXAMPLES["demo"], formatter_class=fmt)
+    def model(q: argparse.ArgumentParser, many: bool = False, shape: bool = True) -> None:
+        if many:
+            q.add_argument("model", nargs="+", type=_model_spec, metavar="MODEL", help=_MODEL_HELP + "; several "
+                           "are compared, the first as 'before'")
+        else:
+            q.add_argument("model", type=_model_spec, help=_MODEL_HELP)
+        q.add_argument("--arch", type=_model_spec, help="the original architecture's spec (for a saved directory)")
+        q.add_argument("--shape", type=_shape, help="example input shape, e.g. 1,3,224,224 (default: the "
+                       "built-in model's, else 1,3,224,224)")
+
+    def output(q: argparse.ArgumentParser, what: str, required: bool = True) -> None:
+        q.add_argument("-o", "--out", required=required, metavar="PATH", help=f"where to write {what}; it "
+                       "appears only once complete")
+        q.add_argument("--force", action="store_true", help="replace an existing output (a folder only if an "
+                       "fxslim command wrote it)")
+
+    d = command("demo", "train, prune, distil and measure the built-in digits model")
     d.add_argument("--ratio", type=_ratio, default=0.5, help="share of channels to remove per group, in [0, 1)")
     d.add_argument("--epochs", type=_positive, default=4, help="training epochs of the original model")
     d.add_argument("--finetune", type=_count, default=2, help="distillation epochs after pruning (0: none)")
     d.add_argument("--seed", type=int, default=0, help="seed for data split, initialisation and training")
-    common(d)
-    d.set_defaults(fn=cmd_demo)
 
-    model_help = ("model spec: digits, mnist1d, torchvision:NAME[@WEIGHTS], timm:NAME, "
-                  "package.module:function, or a saved fxslim directory (with --arch)")
-    g = sub.add_parser("groups", help="list channel groups and why some are pinned",
-                       epilog=_EXAMPLES["groups"], formatter_class=fmt)
-    g.add_argument("model", type=_model_spec, help=model_help)
-    g.add_argument("--arch", type=_model_spec, help="the original architecture's spec (for a saved directory)")
-    g.add_argument("--shape", type=_shape, help="example input shape, e.g. 1,3,224,224 (default: the "
-                   "built-in model's, else 1,3,224,224)")
-    g.add_argument("--json", action="store_true", help="print JSON for scripts instead of text")
-    common(g)
-    g.set_defaults(fn=cmd_groups)
+    g = command("groups", "list channel groups and why some are pinned")
+    model(g)
 
-    r = sub.add_parser("prune", help="prune by a uniform ratio and compare",
-                       epilog=_EXAMPLES["prune"], formatter_class=fmt)
-    r.add_argument("model", type=_model_spec, help=model_help)
-    r.add_argument("--arch", type=_model_spec, help="the original architecture's spec (for a saved directory)")
-    r.add_argument("--shape", type=_shape, help="example input shape, e.g. 1,3,224,224 (default: the "
-                   "built-in model's, else 1,3,224,224)")
+    r = command("prune", "prune by a uniform ratio and compare")
+    model(r)
     r.add_argument("--ratio", type=_ratio, default=0.5, help="share of channels to remove per group, in [0, 1)")
     r.add_argument("--ignore", nargs="*", default=[], metavar="PATH",
                    help="module paths whose output channels stay whole (e.g. fc)")
     r.add_argument("--runs", type=_positive, default=20, help="timed runs per latency measurement")
     r.add_argument("--save", metavar="DIR", help="save the pruned model (fxslim.save format) to DIR")
-    r.add_argument("--json", action="store_true", help="print JSON for scripts instead of a table")
-    common(r)
-    r.set_defaults(fn=cmd_prune)
+    r.add_argument("--force", action="store_true", help="replace an earlier fxslim save at --save DIR")
 
-    u = sub.add_parser("run", help="run a pipeline config (YAML or TOML) into a run directory",
-                       epilog=_EXAMPLES["run"], formatter_class=fmt)
+    t = command("distill", "distil a (pruned) student from a teacher; writes DIR/model, DIR/step.json")
+    model(t)
+    t.add_argument("--teacher", type=_model_spec, required=True, help="the teacher's model spec (a saved "
+                   "directory is resolved with --arch too)")
+    t.add_argument("--data", type=_data_spec, help="data spec: digits, mnist1d or package.module:function "
+                   "returning (train_loader, val_loader) (default: the built-in model's)")
+    t.add_argument("--epochs", type=_positive, default=2, help="distillation epochs (default 2)")
+    t.add_argument("--lr", type=_number, help="learning rate (default 2e-3)")
+    t.add_argument("--alpha", type=_number, help="weight of the soft (teacher) loss, in [0, 1] (default 0.9)")
+    t.add_argument("--temperature", type=_number, help="softmax temperature (default 4)")
+    t.add_argument("--features", nargs="*", metavar="PATH", help="module paths whose features are matched too")
+    t.add_argument("--seed", type=int, default=0, help="seed for data order and training")
+    output(t, "the distilled model's folder (DIR/model is a saved fxslim directory)")
+
+    e = command("export", "export to ONNX, verified against torch in onnxruntime")
+    model(e)
+    e.add_argument("--opset", type=_positive, help="ONNX opset (default: the exporter's)")
+    e.add_argument("--no-simplify", action="store_true", help="skip onnxsim")
+    e.add_argument("--tol", type=_number, help="largest allowed scaled difference to torch (default 1e-4)")
+    output(e, "the .onnx file")
+
+    b = command("bench", "measure latency p50/p90 in torch (and onnxruntime with --onnx)")
+    model(b, many=True)
+    b.add_argument("--onnx", nargs="+", metavar="FILE", help="each model's exported .onnx file, in the order "
+                   "of the models ('-' for none): adds onnxruntime latency")
+    b.add_argument("--batch-sizes", nargs="+", type=_positive, default=[1], metavar="N", help="default 1")
+    b.add_argument("--runs", type=_positive, default=30, help="timed runs per measurement (default 30)")
+    b.add_argument("--warmup", type=_count, default=5, help="untimed runs first (default 5)")
+    output(b, "the measurements as JSON (default: only printed)", required=False)
+
+    o = command("report", "the Markdown + HTML report comparing models (before first)")
+    model(o, many=True)
+    o.add_argument("--data", type=_data_spec, help="labelled data spec for accuracy, precision, recall, F1 and "
+                   "the confusion matrix (default: the built-in model's)")
+    o.add_argument("--runs", type=_count, default=0, help="timed runs for latency in the report (0: none)")
+    o.add_argument("--title", help="the report's title")
+    o.add_argument("--seed", type=int, default=0, help="the data's seed (a run's `seed`: it splits the data)")
+    output(o, "the report's folder (report.md, report.html, PNGs)")
+
+    u = command("run", "run a pipeline config (YAML or TOML) into a run directory", threads=None)
     u.add_argument("config", help="pipeline config file (.yaml, .yml or .toml)")
     u.add_argument("--out", metavar="RUN_DIR", help="run directory (default: the config's `out`, "
                    "else runs/<config name>)")
     u.add_argument("--dry-run", action="store_true", help="check the config and print each step's plan "
                    "(which steps would run, which are up to date); trains nothing")
     u.add_argument("--force", action="store_true", help="re-run every step even when up to date")
-    u.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    common(u, threads=None)
-    u.set_defaults(fn=cmd_run)
+    for q in (e, b):
+        q.set_defaults(seed=0)
     return p
 
 
+def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What argparse cannot check alone, still before any work."""
+    from pathlib import Path
+
+    from fxslim.pipeline.specs import check_model_spec
+
+    specs = list(args.model) if isinstance(getattr(args, "model", None), list) else [getattr(args, "model", None)]
+    specs += [getattr(args, "teacher", None)]
+    for spec in filter(None, specs):
+        if check_model_spec(spec) == "saved" and not args.arch:
+            p.error(f"'{spec}' is a saved fxslim directory: give --arch, the original architecture's spec")
+    if getattr(args, "onnx", None):
+        if len(args.onnx) > len(args.model):
+            p.error(f"--onnx: {len(args.onnx)} files for {len(args.model)} model(s)")
+        for f in args.onnx:
+            if f != "-" and not Path(f).is_file():
+                p.error(f"--onnx: '{f}' is not a file")
+        args.onnx = [None if f == "-" else f for f in args.onnx]
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _build().parse_args(argv)
+    from fxslim._commands import COMMANDS
+
+    parser = _build()
+    args = parser.parse_args(argv)
+    _check(parser, args)
     try:
         if args.threads is not None:
             _setup_threads(args.threads)
-        return args.fn(args)
+        with contextlib.redirect_stdout(sys.stderr):  # stdout holds the result only
+            result, text = COMMANDS[args.cmd](args)
     except FxslimError as exc:
         print(f"fxslim {args.cmd}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
+    print(json.dumps(result, indent=1, default=str) if args.json else text, flush=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from fxslim.pipeline.config import MODEL_STEPS, Pipeline
 from fxslim.pipeline.execute import STEP_FILE, TMP, execute, replace_dir, write_json
 from fxslim.pipeline.steps import STEPS, StepContext, describe
 
-__all__ = ["STEPS", "RunContext", "plan", "plan_text", "run_pipeline", "step_keys"]
+__all__ = ["STEPS", "RunContext", "plan", "plan_text", "run_pipeline", "step_keys", "summary"]
 
 def _sha(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
@@ -240,3 +240,25 @@ def run_pipeline(cfg: Pipeline, out: str | os.PathLike | None = None, *, dry_run
         write_json(run_dir / "manifest.json", manifest)
     write_json(run_dir / "manifest.json", manifest)
     return run_dir
+
+
+_KEY_METRICS = ("params", "macs", "eval", "best_epoch", "teacher", "groups", "stages", "files")
+
+
+def summary(run_dir: Path) -> dict:
+    """For scripts (``fxslim run --json``): per step of the last run its status, seconds,
+    folder, artefact files and key metrics (each step's ``step.json`` has them all)."""
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    steps = []
+    for entry in manifest["steps"]:
+        folder = run_dir / "steps" / entry["name"]
+        record = json.loads((folder / STEP_FILE).read_text())
+        metrics = {k: v for k, v in record["metrics"].items() if k in _KEY_METRICS}
+        if "onnx" in record["metrics"]:
+            metrics["onnx"] = {stem: {k: rep[k] for k in ("stage", "exporter", "opset", "max_diff", "file_bytes")}
+                               for stem, rep in record["metrics"]["onnx"].items()}
+        files = sorted(str(p.relative_to(run_dir)) for p in folder.rglob("*") if p.is_file())
+        steps.append({"name": entry["name"], "kind": record["kind"], "status": entry["status"],
+                      "seconds": round(record["seconds"], 3), "folder": str(folder), "artefacts": files,
+                      "metrics": metrics})
+    return {"command": "run", "out": str(run_dir), "manifest": str(run_dir / "manifest.json"), "steps": steps}

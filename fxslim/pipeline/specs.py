@@ -37,6 +37,7 @@ from fxslim.errors import SpecError
 __all__ = [
     "BUILTIN",
     "MODEL_FORMS",
+    "check_data_spec",
     "check_model_spec",
     "parse_shape",
     "resolve_data",
@@ -175,6 +176,16 @@ def resolve_model(spec: str, arch: str | None = None) -> Any:
     return model.eval()
 
 
+def check_data_spec(spec: str) -> str:
+    """A data spec's form, checked without importing anything: "builtin" or "callable"."""
+    if spec in BUILTIN:
+        return "builtin"
+    if isinstance(spec, str) and _CALLABLE.match(spec):
+        return "callable"
+    raise SpecError(f"cannot resolve data spec {spec!r}; tried: a built-in name (digits, mnist1d), "
+                    "package.module:function returning (train_loader, val_loader)")
+
+
 def resolve_data(spec: str | None, seed: int = 0) -> tuple[Any, Any] | None:
     """(train, val) loaders for a data spec, or None for no data."""
     if spec is None:
@@ -183,9 +194,7 @@ def resolve_data(spec: str | None, seed: int = 0) -> tuple[Any, Any] | None:
         from fxslim.runtime import examples
 
         return getattr(examples, BUILTIN[spec][1])(seed=seed)
-    if not isinstance(spec, str) or not _CALLABLE.match(spec):
-        raise SpecError(f"cannot resolve data spec {spec!r}; tried: a built-in name (digits, mnist1d), "
-                        "package.module:function returning (train_loader, val_loader)")
+    check_data_spec(spec)
     out = _call(spec, "data", seed=seed)
     if isinstance(out, dict) and "train" in out:
         out = (out["train"], out.get("val"))
@@ -195,9 +204,21 @@ def resolve_data(spec: str | None, seed: int = 0) -> tuple[Any, Any] | None:
     return tuple(out)
 
 
+def _data_shape(data: str) -> list[int]:
+    """The shape of one example of the data's first training batch, with batch size 1."""
+    train = resolve_data(data)[0]
+    try:
+        batch = next(iter(train))
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return [1, *x.shape[1:]]
+    except (TypeError, AttributeError, IndexError, StopIteration) as exc:
+        raise SpecError(f"data spec '{data}': cannot take the example input shape from its first batch "
+                        f"({type(exc).__name__}: {exc}); give `inputs:` (--shape)") from None
+
+
 def resolve_inputs(spec: Any, data: str | None = None, model: str | None = None) -> tuple:
-    """Example inputs as a tuple of tensors, from a shape, a callable spec, or the built-in
-    data (or built-in model) named."""
+    """Example inputs as a tuple of tensors, from a shape, a callable spec, the built-in data
+    (or built-in model) named, or else the shape of the data's first batch (batch size 1)."""
     import torch
 
     if spec is None:
@@ -206,8 +227,10 @@ def resolve_inputs(spec: Any, data: str | None = None, model: str | None = None)
                 spec = list(BUILTIN[name][2])
                 break
         else:
-            raise SpecError("no example inputs: give `inputs:` (a shape such as [1, 3, 224, 224], or "
-                            "package.module:function) — they cannot be guessed for this model and data")
+            if data is None:
+                raise SpecError("no example inputs: give `inputs:` (a shape such as [1, 3, 224, 224], or "
+                                "package.module:function) — they cannot be guessed for this model and data")
+            spec = _data_shape(data)
     if isinstance(spec, str) and _CALLABLE.match(spec):
         out = _call(spec, "inputs")
         out = out if isinstance(out, tuple) else tuple(out) if isinstance(out, list) else (out,)

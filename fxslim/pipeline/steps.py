@@ -37,7 +37,9 @@ class StepContext:
     def inputs(self) -> tuple:
         from fxslim.pipeline.specs import resolve_inputs
 
-        return resolve_inputs(self.cfg.inputs, self.cfg.data, self.cfg.arch or self.cfg.model)
+        if not hasattr(self, "_inputs"):  # seeded, so the same on every call; made once per step
+            self._inputs = resolve_inputs(self.cfg.inputs, self.cfg.data, self.cfg.arch or self.cfg.model)
+        return self._inputs
 
     # where models come from ------------------------------------------------------------
     def previous_model(self) -> Any:

@@ -14,47 +14,11 @@ import torch
 from fxslim import cli
 from fxslim.pipeline import runner
 from fxslim.pipeline.config import load_config
+from tests.pipeline.runs import NAMES
+from tests.pipeline.runs import config as _config
+from tests.pipeline.runs import run as _run
 
 torch.set_num_threads(1)
-
-CONFIG = """\
-name: tiny
-model: tests.pipeline.models:tiny_digits
-data: tests.pipeline.models:digits_data
-inputs: [1, 1, 8, 8]
-seed: 3
-steps:
-  - finetune: {epochs: 3, lr: 0.01}
-  - prune: {ratio: 0.5, ignore: [fc]}
-  - distill: {epochs: DISTILL_EPOCHS}
-  - export: {simplify: false}
-  - benchmark: {batch_sizes: [1, 4], runs: 3, warmup: 1}
-  - report
-"""
-NAMES = ["00-source", "01-finetune", "02-prune", "03-distill", "04-export", "05-benchmark", "06-report"]
-
-
-def _config(tmp: Path, epochs: int = 1) -> Path:
-    path = tmp / f"tiny-{epochs}.yaml"
-    path.write_text(CONFIG.replace("DISTILL_EPOCHS", str(epochs)))
-    return path
-
-
-def _status(run: Path) -> dict[str, str]:
-    return {s["name"]: s["status"] for s in json.loads((run / "manifest.json").read_text())["steps"]}
-
-
-def _run(config: Path, out: Path) -> dict[str, str]:
-    assert cli.main(["run", str(config), "--out", str(out), "--quiet"]) == 0
-    return _status(out)
-
-
-@pytest.fixture(scope="module")
-def first_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("pipeline")
-    out = tmp / "run"
-    assert set(_run(_config(tmp), out).values()) == {"ran"}
-    return tmp, out
 
 
 def _same_files(a: Path, b: Path) -> None:
@@ -99,11 +63,14 @@ def test_unchanged_run_skips_everything_and_a_changed_option_reruns_downstream(f
 
     shutil.copytree(run, out)
     assert set(_run(_config(tmp), out).values()) == {"skipped"}
-    status = _run(_config(tmp, epochs=2), out)
-    assert [n for n in NAMES if status[n] == "ran"] == NAMES[3:]
-    assert [n for n in NAMES if status[n] == "skipped"] == NAMES[:3]
-    history = json.loads((out / "steps" / "03-distill" / "step.json").read_text())["metrics"]["history"]
-    assert len(history) == 2
+    # the benchmark's batch sizes change: it and the report after it re-run, nothing before
+    status = _run(_config(tmp, batch_sizes="[2]"), out)
+    assert [n for n in NAMES if status[n] == "ran"] == NAMES[5:]
+    assert [n for n in NAMES if status[n] == "skipped"] == NAMES[:5]
+    bench = json.loads((out / "steps" / "05-benchmark" / "step.json").read_text())["metrics"]["stages"]
+    assert set(bench["03-distill"]) == {"torch_bs2", "onnxruntime_bs2"}
+    md = (out / "steps" / "06-report" / "report.md").read_text()
+    assert "| 03-distill | " in md and f" {bench['03-distill']['torch_bs2']['p50_ms']:.3f} |" in md
 
 
 def test_dry_run_prints_the_plan_and_trains_nothing(first_run, tmp_path, capsys):
