@@ -15,12 +15,13 @@
 
 Unknown keys are errors (a misspelt option must not be silently ignored). Every problem
 is reported at once, each with the path of the offending entry (``steps[1].prune.ratio``)
-and, for YAML, its line: ``pipeline.yaml:7: steps[1].prune.ratio: ...``.
+and its line: ``pipeline.yaml:7: steps[1].prune.ratio: ...`` (YAML and TOML alike).
 """
 
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,6 +38,7 @@ from pydantic import (
 )
 
 from fxslim.errors import ConfigError, FxslimError
+from fxslim.pipeline.lines import toml_lines, yaml_lines
 
 __all__ = ["STEP_KINDS", "Pipeline", "Step", "load_config", "parse_config"]
 
@@ -171,15 +173,23 @@ def _where(path: tuple, lines: dict[tuple, int] | None, source: str) -> str:
     return f"{source}:{line}: {shown or '(top level)'}" if line else f"{source}: {shown or '(top level)'}"
 
 
+# pydantic's names for the members of a union and for validators: not part of the path
+_TAG = re.compile(r"^(str|int|float|bool|none|list|dict|function-(after|before|wrap|plain))$|[\[\-]")
+
+
 def _errors(exc: ValidationError, prefix: tuple) -> list[tuple[tuple, str]]:
-    out = []
+    """(path, message) per problem. Of a union (``inputs: [1, 3, 224, 224] | "pkg:fn"``) only
+    the member that matches the value's type speaks, when it has something to say."""
+    found = []
     for e in exc.errors():
-        loc = prefix + tuple(x for x in e["loc"] if x != "function-after")
+        tagged = any(isinstance(x, str) and _TAG.search(x) for x in e["loc"])
+        loc = prefix + tuple(x for x in e["loc"] if not (isinstance(x, str) and _TAG.search(x)))
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        out.append((loc, msg))
-    return out
+        found.append((loc, msg, tagged and e["type"].endswith("_type")))
+    return [(loc, msg) for loc, msg, other_member in found
+            if not (other_member and any(not o and lo[:len(loc)] == loc for lo, _, o in found))]
 
 
 def parse_config(raw: Any, source: str = "<config>", lines: dict[tuple, int] | None = None) -> Pipeline:
@@ -236,37 +246,6 @@ def parse_config(raw: Any, source: str = "<config>", lines: dict[tuple, int] | N
     return config
 
 
-def _yaml_lines(text: str) -> dict[tuple, int]:
-    """Path of every YAML entry -> its 1-based line (from the composed node tree)."""
-    import yaml
-
-    lines: dict[tuple, int] = {}
-
-    def walk(node: Any, path: tuple) -> None:
-        lines.setdefault(path, node.start_mark.line + 1)
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                key = k.value
-                lines[path + (key,)] = k.start_mark.line + 1
-                walk(v, path + (key,))
-                lines[path + (key,)] = k.start_mark.line + 1
-        elif isinstance(node, yaml.SequenceNode):
-            for i, v in enumerate(node.value):
-                walk(v, path + (i,))
-                if isinstance(v, yaml.MappingNode) and len(v.value) == 1:
-                    # `- prune: {...}`: the step's kind is part of the path, not a level
-                    k, _inner = v.value[0]
-                    lines[path + (i, k.value)] = k.start_mark.line + 1
-
-    try:
-        node = yaml.compose(text)
-    except yaml.YAMLError:
-        return lines
-    if node is not None:
-        walk(node, ())
-    return lines
-
-
 def load_config(path: str | Path) -> Pipeline:
     """Read and validate a .yaml/.yml/.toml pipeline config; ConfigError on any problem."""
     path = Path(path)
@@ -281,7 +260,7 @@ def load_config(path: str | Path) -> Pipeline:
             raw = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        lines = _yaml_lines(text)
+        lines = yaml_lines(text)
     elif path.suffix == ".toml":
         try:
             import tomllib
@@ -291,6 +270,7 @@ def load_config(path: str | Path) -> Pipeline:
             raw = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        lines = toml_lines(text)
     else:
         raise ConfigError(f"config '{path}' must end in .yaml, .yml or .toml")
     config = parse_config(raw, str(path), lines)

@@ -56,14 +56,43 @@ def test_every_problem_is_reported_at_once(tmp_path):
     assert "steps[0].prune.ratio" in str(info.value)
 
 
-def test_toml_config(tmp_path):
+TOML = """\
+model = "digits"
+inputs = [1, 1,
+          8, 8]
+
+[[steps]]
+prune = {ratio = 0.3, ignore = ["fc"]}
+
+[[steps]]
+[steps.export]
+opset = 18
+
+[[steps]]
+report.title = "digits"
+"""
+
+
+@pytest.mark.parametrize("old, new, where", [
+    (None, None, None),
+    ("ratio = 0.3", 'ratio = "x"', "p.toml:6: steps[0].prune.ratio: Input should be a valid number"),
+    ("ignore =", "ingore =", "p.toml:6: steps[0].prune.ingore: unknown key (closest: ignore)"),
+    ("opset = 18", "opset = 3", "p.toml:10: steps[1].export.opset: Input should be greater than or equal to 7"),
+    ("report.title", "reprot.title", "p.toml:12: steps[2]: unknown step 'reprot' (closest: report)"),
+    ("8, 8]", "8, -8]", "p.toml:3: inputs[3]: Input should be greater than 0"),
+    ('model = "digits"', 'model = "digits"\ndta = "x"', "p.toml:2: dta: unknown key (closest: data)"),
+])
+def test_toml_config_errors_name_the_entry_and_its_line(tmp_path, old, new, where):
     path = tmp_path / "p.toml"
-    path.write_text('model = "digits"\n[[steps]]\nprune = {ratio = 0.3}\n[[steps]]\nreport = {}\n')
-    cfg = load_config(path)
-    assert [s.kind for s in cfg.steps] == ["prune", "report"] and cfg.data == "digits" and cfg.name == "p"
-    path.write_text('model = "digits"\n[[steps]]\nprune = {ratio = "x"}\n')
-    with pytest.raises(ConfigError, match=r"p.toml: steps\[0\].prune.ratio"):
+    path.write_text(TOML if old is None else TOML.replace(old, new))
+    if where is None:
+        cfg = load_config(path)
+        assert [s.kind for s in cfg.steps] == ["prune", "export", "report"] and cfg.name == "p"
+        assert cfg.steps[1].options.opset == 18 and cfg.data == "digits" and cfg.inputs == [1, 1, 8, 8]
+        return
+    with pytest.raises(ConfigError) as info:
         load_config(path)
+    assert f"{tmp_path}/{where}" in str(info.value), str(info.value)
 
 
 def test_saved_model_without_arch_is_a_config_error(tmp_path):
