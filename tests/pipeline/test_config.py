@@ -3,9 +3,11 @@ work, with the path of the offending entry and its YAML line; so do bad command 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -127,3 +129,23 @@ def test_unknown_torchvision_model_is_one_line(capsys):
     assert cli.main(["groups", "torchvision:resnet1000"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("fxslim groups: error: SpecError: model spec 'torchvision:resnet1000'")
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
+def test_example_configs_plan_without_running(example, tmp_path, capsys):
+    path = EXAMPLES / example
+    assert cli.main(["run", str(path), "--dry-run", "--json", "--out", str(tmp_path / "run")]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    cfg = load_config(path)
+    assert [s["kind"] for s in plan["steps"]] == ["source"] + [s.kind for s in cfg.steps]
+    assert {s["status"] for s in plan["steps"]} == {"will run"} and not (tmp_path / "run").exists()
+    if cfg.model.startswith("timm:"):  # the layers the example ignores exist in the timm model
+        from fxslim.pipeline.specs import resolve_model
+
+        names = dict(resolve_model(cfg.model).named_modules())
+        for step in cfg.steps:
+            if step.kind == "prune":
+                assert step.options.ignore and all(p in names for p in step.options.ignore)
