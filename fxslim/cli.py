@@ -163,7 +163,7 @@ def _build() -> argparse.ArgumentParser:
             q.add_argument("model", type=_model_spec, help=_MODEL_HELP)
         q.add_argument("--arch", type=_model_spec, help="the original architecture's spec (for a saved directory)")
         q.add_argument("--shape", type=_shape, help="example input shape, e.g. 1,3,224,224 (default: the "
-                       "built-in model's, else 1,3,224,224)")
+                       "built-in model's; else, with --data, one example of its first batch; else 1,3,224,224)")
 
     def output(q: argparse.ArgumentParser, what: str, required: bool = True) -> None:
         q.add_argument("-o", "--out", required=required, metavar="PATH", help=f"where to write {what}; it "
