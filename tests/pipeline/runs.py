@@ -19,16 +19,17 @@ steps:
   - finetune: {{epochs: 3, lr: 0.01}}
   - prune: {{ratio: 0.5, ignore: [fc]}}
   - distill: {{epochs: DISTILL_EPOCHS}}
-  - export: {{simplify: false}}
+  - export: {{simplify: false, baseline: BASELINE}}
   - benchmark: {{batch_sizes: BATCH_SIZES, runs: 3, warmup: 1}}
   - report
 """
 NAMES = ["00-source", "01-finetune", "02-prune", "03-distill", "04-export", "05-benchmark", "06-report"]
 
 
-def config(tmp: Path, epochs: int = 1, batch_sizes: str = "[1, 4]") -> Path:
-    path = tmp / f"tiny-{epochs}-{len(batch_sizes)}.yaml"
-    path.write_text(CONFIG.replace("DISTILL_EPOCHS", str(epochs)).replace("BATCH_SIZES", batch_sizes))
+def config(tmp: Path, epochs: int = 1, batch_sizes: str = "[1, 4]", baseline: bool = True) -> Path:
+    path = tmp / f"tiny-{epochs}-{len(batch_sizes)}-{baseline}.yaml"
+    path.write_text(CONFIG.replace("DISTILL_EPOCHS", str(epochs)).replace("BATCH_SIZES", batch_sizes)
+                    .replace("BASELINE", str(baseline).lower()))
     return path
 
 
