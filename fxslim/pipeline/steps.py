@@ -224,7 +224,12 @@ def _export(ctx: StepContext, opts: Any, tmp: Path) -> dict:
     import fxslim
 
     out = {}
-    for stem, stage, load in ctx.export_targets(opts.baseline):
+    targets = ctx.export_targets(opts.baseline)
+    if ctx.progress:  # tens of seconds per model for large ones (torch.export + onnxruntime check)
+        from tqdm.auto import tqdm
+
+        targets = tqdm(targets, desc="export", unit="model", leave=False)
+    for stem, stage, load in targets:
         ctx.log(f"    exporting {stage} to {stem}.onnx and checking it in onnxruntime")
         rep = fxslim.export_onnx(load(), ctx.inputs(), tmp / f"{stem}.onnx", simplify=opts.simplify,
                                  opset=opts.opset, tol=opts.tol)
