@@ -194,3 +194,24 @@ def test_a_failed_step_leaves_nothing(tmp_path, capsys, monkeypatch):
     assert cli.main(["export", "digits", "-o", str(tmp_path / "d" / "m.onnx"), "--quiet"]) == 2
     assert "simulated failure" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # neither the file, nor its temporary folder, nor the folder made for it
+
+
+def test_groups_and_prune_json_match_the_api(tmp_path, capsys):
+    import fxslim
+    from fxslim.runtime.measure import count_macs, count_params
+
+    x = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(0))  # the command's own input
+    groups = fxslim.channel_groups(resolve_model(ARCH), x)
+    result = _json(["groups", ARCH, "--shape", "1,1,8,8"])
+    assert [(g["id"], g["size"], g["prunable"]) for g in result["groups"]] == [
+        (g.id, g.size, g.prunable) for g in groups]
+    out = tmp_path / "small"
+    result = _json(["prune", ARCH, "--shape", "1,1,8,8", "--ratio", "0.5", "--ignore", "fc", "--runs", "2",
+                    "--save", str(out)])
+    small = fxslim.load(out, resolve_model(ARCH))
+    assert result["saved"] == str(out) and result["models"]["pruned"]["params"] == count_params(small)
+    assert result["models"]["pruned"]["macs"] == count_macs(small, x) < result["models"]["original"]["macs"]
+    weights = (out / "weights.safetensors").read_bytes()  # never replaced without --force
+    assert cli.main(["prune", ARCH, "--shape", "1,1,8,8", "--ratio", "0.3", "--save", str(out), "--quiet"]) == 2
+    assert "already exists; pass --force" in capsys.readouterr().err
+    assert (out / "weights.safetensors").read_bytes() == weights
