@@ -28,7 +28,14 @@ class Progress:
 
     def __call__(self, msg: str) -> None:
         if not self.quiet:
-            print(f"[{time.perf_counter() - self.t0:6.1f} s] {msg}", file=sys.stderr, flush=True)
+            _line(f"[{time.perf_counter() - self.t0:6.1f} s] {msg}")
+
+
+def _line(text: str) -> None:
+    """A line on stderr that does not break a progress bar being drawn there."""
+    from tqdm import tqdm
+
+    tqdm.write(text, file=sys.stderr)
 
 
 def _model(args: argparse.Namespace, say: Progress) -> Any:
@@ -148,7 +155,7 @@ def cmd_run(args: argparse.Namespace) -> Result:
     from fxslim.pipeline.runner import plan, run_pipeline, summary
 
     out = run_pipeline(config, args.out, dry_run=args.dry_run, force=args.force, progress=not args.quiet,
-                       log=None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True)))
+                       log=None if args.quiet else _line)
     if args.dry_run:
         run_dir = Path(args.out or config.out or Path("runs") / (config.name or "pipeline"))
         return {"command": "run", "dry_run": True, "out": str(run_dir), "steps": plan(config, run_dir)}, str(out)
