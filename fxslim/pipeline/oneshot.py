@@ -116,6 +116,9 @@ def checked(spec: str, model: Any, inputs: tuple) -> Any:
 
 def check_output(out: Path, force: bool, folder: bool) -> None:
     """Refuse, before any work, to write where something is and may not be replaced."""
+    above = next((p for p in out.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ArgumentError(f"'{out}': '{above}' is a file, not a folder (nothing was done)")
     if not out.exists():
         return
     if not force:

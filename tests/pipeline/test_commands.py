@@ -166,6 +166,7 @@ def saved(first_run):
     (["report", "digits", "-o", "OUT", "--runs", "-1"], "must be >= 0"),
     (["export", "SAVED", "--arch", ARCH, "--shape", "1,3,8,8", "-o", "OUT"], "does not run on example inputs"),
     (["export", "digits", "-o", "EXISTING"], "already exists; pass --force"),
+    (["export", "digits", "-o", "EXISTING/m.onnx"], "EXISTING' is a file, not a folder"),
     (["report", "digits", "-o", "MINE", "--force"], "holds files that no fxslim command wrote"),
 ])
 def test_bad_spec_option_or_output_is_one_line_before_any_work(argv, words, saved, tmp_path, capsys, monkeypatch):
@@ -173,7 +174,8 @@ def test_bad_spec_option_or_output_is_one_line_before_any_work(argv, words, save
     (tmp_path / "MINE").mkdir()
     (tmp_path / "MINE" / "notes.txt").write_text("mine")
     monkeypatch.setitem(steps.STEPS, argv[0] if argv[0] != "bench" else "benchmark", None)  # no step may run
-    argv = [str(tmp_path / a) if a in ("OUT", "EXISTING", "MINE") else saved if a == "SAVED" else a for a in argv]
+    argv = [str(tmp_path / a) if a.split("/")[0] in ("OUT", "EXISTING", "MINE") else saved if a == "SAVED" else a
+            for a in argv]
     try:
         rc = cli.main([*argv, "--quiet"])
     except SystemExit as exc:  # argparse's own errors
