@@ -30,7 +30,7 @@ from fxslim.graph._guards import (
     snapshot_buffers,
 )
 from fxslim.graph.shapes import node_shapes, propagate_shapes
-from fxslim.utils import gc_paused
+from fxslim.utils import fxslim_meta, gc_paused
 
 __all__ = [
     "TRACE_OPTIONS",
@@ -202,6 +202,8 @@ def trace(
         gm.meta["fxslim_opaque"] = opaque
         gm.meta["fxslim_source"] = fingerprint(model, gm)
         gm.meta["fxslim_inputs"] = [_input_spec(t) for t in inputs]
+        # a model fxslim pruned into the user's classes: its source, inputs and history go on
+        gm.meta.update({k: v for k, v in fxslim_meta(model).items() if k in _CARRIED})
     propagate_shapes(gm, inputs)
     return gm
 
@@ -220,6 +222,9 @@ def _input_spec(t: Any) -> dict[str, Any]:
 
 # keywords of `trace` that the other entry points pass through to it
 TRACE_OPTIONS = ("leaf_modules", "leaf_paths", "concrete_args", "autowrap_functions")
+
+# the record a class-kept pruned model carries into its trace (`fxslim.utils.fxslim_meta`)
+_CARRIED = ("fxslim_source", "fxslim_inputs", "fxslim_history", "fxslim_keep")
 
 _CONSTANT = re.compile(r"^_tensor_constant\d+$")
 

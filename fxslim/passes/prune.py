@@ -348,7 +348,8 @@ class PruneChannelsPass(Pass):
         return PassResult(new, before != after, {"plan": self.plan, "params_before": before, "params_after": after})
 
 
-def prune_channels(model: nn.Module, example_inputs: Any, request: Mapping[str, Iterable[int]], **trace_kwargs) -> fx.GraphModule:
+def prune_channels(model: nn.Module, example_inputs: Any, request: Mapping[str, Iterable[int]], *,
+                   keep_classes: bool = True, **trace_kwargs) -> nn.Module:
     """Remove output channels of layers, and everything coupled to them, physically.
 
     Args:
@@ -356,9 +357,12 @@ def prune_channels(model: nn.Module, example_inputs: Any, request: Mapping[str, 
         example_inputs: a tensor or tuple of tensors.
         request: {layer path: output-channel indices to remove}, e.g.
             ``{"layer1.0.conv1": [3, 7]}``.
+        keep_classes: return the user's own classes where proven (see `fxslim.prune`);
+            False: always the torch.fx GraphModule.
 
     Returns:
-        A new, smaller GraphModule that runs, traces again and can be pruned again.
+        A new, smaller model (the user's classes, or a GraphModule) that runs, traces
+        again and can be pruned again.
 
     Raises:
         PinnedChannelsError: the channels belong to a pinned group (the reason says why).
@@ -371,6 +375,8 @@ def prune_channels(model: nn.Module, example_inputs: Any, request: Mapping[str, 
     from fxslim.graph.trace import TRACE_OPTIONS, trace
 
     check_module("model", model)
+    if not isinstance(keep_classes, bool):
+        raise ArgumentError(f"keep_classes must be True or False, got {keep_classes!r}")
     known_names("prune_channels() keyword", trace_kwargs, TRACE_OPTIONS)
     if not isinstance(request, Mapping):
         raise ArgumentError(f"request must be a mapping {{layer path: channel indices}}, got {type(request).__name__}")
@@ -382,4 +388,9 @@ def prune_channels(model: nn.Module, example_inputs: Any, request: Mapping[str, 
             raise ArgumentError(f"request entries must be 'layer path': [channel indices, ...], got {layer!r}: {idx!r}")
     gm = trace(model, example_inputs, share_weights=True, **trace_kwargs)
     cg = analyze(gm)
-    return PruneChannelsPass(cg, request, example_inputs)(gm).module
+    small = PruneChannelsPass(cg, request, example_inputs)(gm).module
+    if not keep_classes:
+        return small
+    from fxslim.passes.keep_classes import keep_classes as keep
+
+    return keep(model, small, example_inputs)

@@ -181,7 +181,9 @@ def _source(ctx: _Ctx, opts: Any, tmp: Path) -> dict:
     from fxslim.pipeline.specs import resolve_model
 
     model = resolve_model(ctx.cfg.model, ctx.cfg.arch)
-    if "fxslim_source" not in (getattr(model, "meta", None) or {}):
+    from fxslim.utils import fxslim_meta
+
+    if "fxslim_source" not in fxslim_meta(model):
         model = fxslim.trace(model, ctx.inputs())
     groups = fxslim.channel_groups(model, ctx.inputs())
     _save(model, tmp)
