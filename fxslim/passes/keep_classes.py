@@ -33,7 +33,6 @@ GraphModule's ``gm.meta``; on a class-kept model it is one dict attribute,
 from __future__ import annotations
 
 import logging
-import traceback
 from collections import defaultdict
 from typing import Any
 
@@ -41,7 +40,7 @@ import torch
 from torch import fx, nn
 
 from fxslim.graph import rules as R
-from fxslim.graph.trace import as_input_tuple, copy_structure
+from fxslim.graph.trace import _user_frame, as_input_tuple, copy_structure
 from fxslim.passes.base import Pass, PassResult
 from fxslim.passes.verify import _flat
 from fxslim.utils import META_ATTR, fxslim_meta
@@ -161,12 +160,11 @@ def _prove(kept: nn.Module, pruned: fx.GraphModule, example_inputs: Any) -> None
                 try:
                     got = _flat(kept(*inputs))
                 except Exception as exc:
-                    frame = traceback.extract_tb(exc.__traceback__)[-1]
                     raise _Refused(
                         f"{type(kept).__name__}'s own forward fails on the pruned sizes{_failing_module(exc, kept)}: "
-                        f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-                        f"(at {frame.filename}:{frame.lineno}; a size written in the forward or a module "
-                        "attribute fxslim does not update)") from exc
+                        f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}\n"
+                        f"  at {_user_frame(exc)}\n"
+                        "  (a size written in the forward, or a module attribute fxslim does not update)") from exc
                 if len(got) != len(want):
                     raise _Refused(f"its forward returns {len(got)} tensors, the pruned graph {len(want)}")
                 for i, (a, b) in enumerate(zip(got, want)):
