@@ -181,10 +181,11 @@ def _source(ctx: _Ctx, opts: Any, tmp: Path) -> dict:
     from fxslim.pipeline.specs import resolve_model
 
     model = resolve_model(ctx.cfg.model, ctx.cfg.arch)
+    from fxslim.passes.keep_classes import keep_classes
     from fxslim.utils import fxslim_meta
 
-    if "fxslim_source" not in fxslim_meta(model):
-        model = fxslim.trace(model, ctx.inputs())
+    if "fxslim_source" not in fxslim_meta(model):  # the model's own classes with fxslim's record
+        model = keep_classes(model, fxslim.trace(model, ctx.inputs()), ctx.inputs())  # (else the graph)
     groups = fxslim.channel_groups(model, ctx.inputs())
     _save(model, tmp)
     pinned = [{"group": g.id, "size": g.size, "reason": g.reason} for g in groups if not g.prunable]
