@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 import fxslim
+from fxslim._inputs import as_inputs
 from fxslim.passes.prune import apply_plan, make_plan
 from fxslim.passes.verify import dead_channel_check, slicing_mismatches
 
@@ -46,13 +47,15 @@ def check_oracles(model, x, seed=0, expect_prunable=1):
         p2 = apply_plan(gm, cg, plan, x)
         assert slicing_mismatches(gm, p2, plan) == []
         with torch.inference_mode():
-            assert _shapes(p2(x)) == _shapes(gm(x))
+            assert _shapes(as_inputs(x).call(p2)) == _shapes(as_inputs(x).call(gm))
     return gm, cg, pruned
 
 
 def _shapes(out):
     if isinstance(out, torch.Tensor):
         return out.shape
+    if isinstance(out, dict):  # a transformers ModelOutput
+        return {k: _shapes(v) for k, v in out.items()}
     return [_shapes(o) for o in out]
 
 

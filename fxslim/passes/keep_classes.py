@@ -39,8 +39,9 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from fxslim._inputs import ExampleInputs, as_inputs
 from fxslim.graph import rules as R
-from fxslim.graph.trace import _user_frame, as_input_tuple, copy_structure
+from fxslim.graph.trace import _user_frame, copy_structure
 from fxslim.passes.base import Pass, PassResult
 from fxslim.passes.verify import _flat
 from fxslim.utils import META_ATTR, fxslim_meta
@@ -114,20 +115,20 @@ def rebuild_classes(model: nn.Module, pruned: fx.GraphModule) -> nn.Module:
     return new
 
 
-def _second_input(xs: tuple, seed: int = 0) -> tuple:
+def _second_input(inputs: ExampleInputs, seed: int = 0) -> ExampleInputs:
     """Seeded inputs of the example's shapes: normal floats; integer and boolean inputs
     (token ids, masks) are the example's own values shuffled, so they stay in range."""
     g = torch.Generator().manual_seed(seed)
-    out = []
-    for x in xs:
+
+    def one(x: Any) -> Any:
         if not isinstance(x, torch.Tensor):
-            out.append(x)
-        elif x.is_floating_point():
-            out.append(torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device))
-        else:
-            perm = torch.randperm(x.numel(), generator=g).to(x.device)
-            out.append(x.reshape(-1)[perm].reshape(x.shape))
-    return tuple(out)
+            return x
+        if x.is_floating_point():
+            return torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device)
+        perm = torch.randperm(x.numel(), generator=g).to(x.device)
+        return x.reshape(-1)[perm].reshape(x.shape)
+
+    return ExampleInputs(tuple(one(a) for a in inputs.args), {k: one(v) for k, v in inputs.kwargs.items()})
 
 
 def _failing_module(exc: BaseException, model: nn.Module) -> str:
@@ -147,7 +148,7 @@ def _failing_module(exc: BaseException, model: nn.Module) -> str:
 
 def _prove(kept: nn.Module, pruned: fx.GraphModule, example_inputs: Any) -> None:
     """Raise `_Refused` unless `kept` and `pruned` agree on the example and a seeded input."""
-    xs = as_input_tuple(example_inputs)
+    xs = as_inputs(example_inputs)
     modes = [(m, m.training) for m in (*kept.modules(), *pruned.modules())]
     # a forward may update buffers in place (counters, running statistics): these runs leave no trace
     buffers = {id(b): (b, b.clone()) for b in (*kept.buffers(), *pruned.buffers())}
@@ -156,9 +157,9 @@ def _prove(kept: nn.Module, pruned: fx.GraphModule, example_inputs: Any) -> None
         pruned.eval()
         with torch.no_grad():
             for inputs in (xs, _second_input(xs)):
-                want = _flat(pruned(*inputs))
+                want = _flat(pruned(*inputs.flat(pruned)))
                 try:
-                    got = _flat(kept(*inputs))
+                    got = _flat(inputs.call(kept))
                 except Exception as exc:
                     raise _Refused(
                         f"{type(kept).__name__}'s own forward fails on the pruned sizes{_failing_module(exc, kept)}: "

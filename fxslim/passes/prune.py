@@ -21,6 +21,7 @@ import torch
 from torch import fx, nn
 
 from fxslim._args import check_module, closest, known_names
+from fxslim._inputs import as_inputs
 from fxslim.errors import (
     ArgumentError,
     PassContractError,
@@ -32,7 +33,7 @@ from fxslim.errors import (
 from fxslim.graph import rules as R
 from fxslim.graph.coupling import ChannelGroup, CouplingGraph, Member, where
 from fxslim.graph.shapes import propagate_shapes
-from fxslim.graph.trace import as_input_tuple, compile_now, copy_structure
+from fxslim.graph.trace import compile_now, copy_structure
 from fxslim.passes.base import Pass, PassResult
 from fxslim.utils import gc_paused
 
@@ -212,7 +213,7 @@ def apply_plan(gm: fx.GraphModule, cg: CouplingGraph, plan: PrunePlan, example_i
     new.meta["fxslim_keep"] = keep
     compile_now(new)
     try:  # also the check that every rewritten size agrees: each node runs on meta tensors
-        propagate_shapes(new, as_input_tuple(example_inputs))
+        propagate_shapes(new, as_inputs(example_inputs).flat(new))
     except TraceError as exc:
         raise PassContractError(
             f"pass author: the pruned graph no longer runs (a producer/consumer size disagrees): {exc}"

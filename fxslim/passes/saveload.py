@@ -32,6 +32,7 @@ import torch
 from torch import fx, nn
 
 from fxslim._args import check_module
+from fxslim._inputs import ExampleInputs
 from fxslim.errors import FxslimError, SaveLoadError
 from fxslim.graph.analysis import analyze
 from fxslim.graph.trace import trace
@@ -205,11 +206,14 @@ def load(directory: str | os.PathLike, model: nn.Module) -> fx.GraphModule:
         raise SaveLoadError(f"{weights} is corrupt or truncated: {exc}") from exc
 
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-              "float64": torch.float64, "int64": torch.int64, "int32": torch.int32}
-    try:
-        inputs = tuple(torch.zeros(s["shape"], dtype=dtypes[s["dtype"]]) for s in plan["inputs"])
-    except (KeyError, TypeError) as exc:
+              "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
+    try:  # integer inputs (token ids, masks) are ones: in range, and a mask that attends
+        made = [(s.get("name"), (torch.zeros if dtypes[s["dtype"]].is_floating_point else torch.ones)(
+            s["shape"], dtype=dtypes[s["dtype"]])) for s in plan["inputs"]]
+    except (KeyError, TypeError, AttributeError) as exc:
         raise SaveLoadError(f"{PLAN} has malformed input specs: {plan['inputs']}") from exc
+    inputs = ExampleInputs(tuple(t for name, t in made if name is None),
+                           {name: t for name, t in made if name is not None})
     was_training = model.training
     try:
         gm = trace(model.eval(), inputs, share_weights=True)
@@ -262,7 +266,7 @@ def _check_tensors(weights: Path, want: dict[str, tuple], tensors: dict[str, tor
         raise SaveLoadError(f"{weights}: wrong shapes: {wrong[:5]}")
 
 
-def _as_classes(model: nn.Module, gm: fx.GraphModule, inputs: tuple, tensors: dict[str, torch.Tensor],
+def _as_classes(model: nn.Module, gm: fx.GraphModule, inputs: ExampleInputs, tensors: dict[str, torch.Tensor],
                 weights: Path) -> nn.Module:
     """The loaded GraphModule rebuilt as the model's own classes (the form that was saved),
     proven equal to it like at prune time, and holding exactly the saved tensors."""
