@@ -78,9 +78,11 @@ def rebuild_classes(model: nn.Module, pruned: fx.GraphModule) -> nn.Module:
     for entries in holders.values():
         names = [e[0] for e in entries]
         found = [(n, got[n]) for n in names if n in got]
-        if not found:
+        if not found and isinstance(entries[0][3], nn.Parameter):
             unused.append(names[0])
             continue
+        if not found:  # a buffer the graph does not read (folded into a constant, or unused): the
+            found = [(names[0], entries[0][3].clone())]  # class's forward runs on it in the proof
         first_name, t = found[0]
         for other_name, o in found[1:]:
             if o is not t and (o.shape != t.shape or not torch.equal(o, t)):
@@ -97,7 +99,7 @@ def rebuild_classes(model: nn.Module, pruned: fx.GraphModule) -> nn.Module:
             if old.shape != t.shape:
                 changed.add(id(mod))
     if unused:
-        raise _Refused(f"{len(unused)} tensors are not used by the traced forward (e.g. '{unused[0]}': a branch "
+        raise _Refused(f"{len(unused)} parameters are not used by the traced forward (e.g. '{unused[0]}': a branch "
                        "of another mode, such as an auxiliary head in training); their sizes cannot be checked")
     for path, mod in new.named_modules():
         if id(mod) not in changed:
@@ -205,7 +207,10 @@ def keep_classes(model: nn.Module, pruned: fx.GraphModule, example_inputs: Any) 
         return pruned
     try:
         kept = rebuild_classes(model, pruned)
-        _prove(kept, pruned, example_inputs)
+        if _is_pretrained(model):
+            kept = _rebuild_from_config(model, kept, pruned, example_inputs)
+        else:
+            _prove(kept, pruned, example_inputs)
     except _Refused as exc:
         reason = str(exc)
         pruned.meta["fxslim_form_reason"] = reason
@@ -213,6 +218,33 @@ def keep_classes(model: nn.Module, pruned: fx.GraphModule, example_inputs: Any) 
                        type(model).__name__, reason)
         return pruned
     return kept
+
+
+def _is_pretrained(model: nn.Module) -> bool:
+    from fxslim.graph.capture import is_transformers_model
+
+    return is_transformers_model(model)
+
+
+def _rebuild_from_config(model: nn.Module, generic: nn.Module, pruned: fx.GraphModule, example_inputs: Any) -> nn.Module:
+    """A transformers model rebuilt from the config that builds the pruned shapes, proven
+    (`fxslim.passes.hf_classes`); `generic` holds the pruned tensors under the model's names."""
+    from fxslim.passes.hf_classes import ConfigMismatch, config_candidates, rebuild_pretrained
+
+    target = {k: tuple(v.shape) for k, v in generic.state_dict().items()}
+    last: _Refused | None = None
+    try:
+        for cfg in config_candidates(model, target):
+            kept = rebuild_pretrained(model, generic, cfg)
+            setattr(kept, META_ATTR, fxslim_meta(generic))
+            try:
+                _prove(kept, pruned, example_inputs)
+                return kept
+            except _Refused as exc:
+                last = exc
+    except ConfigMismatch as exc:
+        raise _Refused(f"its config cannot be rebuilt for the pruned sizes: {exc}") from exc
+    raise _Refused(f"no config of the pruned sizes gives the pruned graph's outputs: {last}")
 
 
 class KeepClassesPass(Pass):
