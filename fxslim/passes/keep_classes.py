@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -46,12 +47,35 @@ from fxslim.passes.base import Pass, PassResult
 from fxslim.passes.verify import _flat
 from fxslim.utils import META_ATTR, fxslim_meta
 
-__all__ = ["KEEP_ATOL", "KEEP_RTOL", "KeepClassesPass", "keep_classes", "rebuild_classes"]
+__all__ = ["CLASS_SYNCS", "KEEP_ATOL", "KEEP_RTOL", "KeepClassesPass", "keep_classes", "rebuild_classes"]
 
 logger = logging.getLogger(__name__)
 
 KEEP_RTOL, KEEP_ATOL = 1e-4, 1e-5  # atol is scaled by each output's max |value|
 _NOT_CARRIED = ("fxslim_opaque", "fxslim_form_reason")  # trace-time facts of the GraphModule itself
+
+
+# Size attributes of classes fx traces *through* (so no rule's ``sync`` sees them), per
+# "module.QualName": ``fn(mod)`` sets them from the module's own (sliced) tensors. Users may add theirs.
+CLASS_SYNCS: dict[str, Callable[[nn.Module], None]] = {
+    # reshape(n, self.hidden_dim, h * w) in _process_input: hidden_dim follows the class token
+    "torchvision.models.vision_transformer.VisionTransformer":
+        lambda m: setattr(m, "hidden_dim", m.class_token.shape[-1]),
+    # shifted_window_attention(..., self.num_heads): one bias-table column per head
+    "torchvision.models.swin_transformer.ShiftedWindowAttention":
+        lambda m: setattr(m, "num_heads", m.relative_position_bias_table.shape[1]),
+    # v2: one logit scale per head
+    "torchvision.models.swin_transformer.ShiftedWindowAttentionV2":
+        lambda m: setattr(m, "num_heads", m.logit_scale.shape[0]),
+}
+
+
+def _class_sync(mod: nn.Module) -> Callable[[nn.Module], None] | None:
+    for cls in type(mod).__mro__:
+        fn = CLASS_SYNCS.get(f"{cls.__module__}.{cls.__qualname__}")
+        if fn is not None:
+            return fn
+    return None
 
 
 class _Refused(Exception):
@@ -104,11 +128,10 @@ def rebuild_classes(model: nn.Module, pruned: fx.GraphModule) -> nn.Module:
     for path, mod in new.named_modules():
         if id(mod) not in changed:
             continue
-        sync = R.sync_of(mod)
-        if sync is None:
-            continue
+        syncs = [f for f in (R.sync_of(mod), _class_sync(mod)) if f is not None]
         try:
-            sync(mod)
+            for sync in syncs:
+                sync(mod)
         except Exception as exc:  # a rule's sync on a subclass it does not fit
             raise _Refused(f"updating the size attributes of {type(mod).__name__} at '{path}' failed "
                            f"({type(exc).__name__}: {exc})") from exc
