@@ -67,6 +67,10 @@ CLASS_SYNCS: dict[str, Callable[[nn.Module], None]] = {
     # v2: one logit scale per head
     "torchvision.models.swin_transformer.ShiftedWindowAttentionV2":
         lambda m: setattr(m, "num_heads", m.logit_scale.shape[0]),
+    # q.reshape(B, G, P, self.n_heads, self.head_dim): a bias-table column per head, q/k/v rows per head dim
+    "torchvision.models.maxvit.RelativePositionalMultiHeadAttention": lambda m: (
+        setattr(m, "n_heads", m.relative_position_bias_table.shape[-1]),
+        setattr(m, "head_dim", m.to_qkv.weight.shape[0] // (3 * m.n_heads))),
 }
 
 
