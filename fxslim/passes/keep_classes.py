@@ -13,16 +13,20 @@ the same pruned model out of the user's classes:
    `requires_grad`, dtype and device are the pruned tensor's;
 3. bring each changed module's size attributes in line with its new parameter shapes
    with the rule table's ``sync`` (``out_channels``, ``in_features``, ``num_features``,
-   ``normalized_shape``, ``nn.MultiheadAttention``'s ``embed_dim``/``num_heads`` ...);
+   ``normalized_shape``, ``nn.MultiheadAttention``'s ``embed_dim``/``num_heads`` ...),
+   and, for classes fx traces through, `CLASS_SYNCS` (torchvision ViT's ``hidden_dim``,
+   Swin's and MaxViT's head counts). A Hugging Face `PreTrainedModel` is instead rebuilt
+   from the config that builds the pruned shapes (`fxslim.passes.hf_classes`);
 4. prove it: run the class-kept copy and the pruned GraphModule on the example inputs
    and on a second seeded input of the same shape; every output must agree
    (``allclose``, rtol ``KEEP_RTOL``, atol ``KEEP_ATOL`` times the output's scale).
 
 Where the proof fails the GraphModule is returned and the reason logged and kept in
 ``gm.meta["fxslim_form_reason"]``: a size written in the user's forward (``x.view(n,
-64 * 7 * 7)``, which the graph rewrite changed as a literal), a module attribute no rule
-knows (torchvision ViT's ``hidden_dim``), modules the traced forward never ran (their
-sizes cannot be checked), tied tensors the plan slices differently.
+64 * 7 * 7)``, which the graph rewrite changed as a literal; ShuffleNet's ``chunk(2)`` of
+unevenly pruned halves), a module attribute no sync knows, parameters the traced forward
+never reads (GoogLeNet's auxiliary heads in eval: their sizes cannot be checked), tied
+tensors the plan slices differently, per-layer sizes an HF config cannot express.
 
 The record fxslim needs on a pruned model (source fingerprint, example input specs,
 prune history, kept indices: what `save`, `load`, `distill` and the pipeline read) is a
