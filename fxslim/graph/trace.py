@@ -188,7 +188,7 @@ def trace(
         try:
             gm = _symbolic(model, specs, leaf_modules, leaf_paths, concrete_args, autowrap_functions,
                            share_weights)
-        except TraceError as fx_exc:
+        except _FxCannotTrace as fx_exc:  # not a refusal (hooks on the model): torch.fx's own limits
             logger.info("torch.fx cannot trace %s; capturing with torch.export: %s", type(model).__name__, fx_exc)
             try:
                 gm = _export(model, inputs, specs, share_weights)
@@ -198,6 +198,10 @@ def trace(
         gm = _symbolic(model, specs, leaf_modules, leaf_paths, concrete_args, autowrap_functions, share_weights)
     propagate_shapes(gm, inputs.flat(gm))
     return gm
+
+
+class _FxCannotTrace(TraceError):
+    """torch.fx symbolic tracing could not follow the code (capture="auto" tries export)."""
 
 
 def _export(model: nn.Module, inputs: ExampleInputs, specs: list, share_weights: bool) -> fx.GraphModule:
@@ -258,7 +262,7 @@ def _symbolic(model: nn.Module, specs: list, leaf_modules: tuple, leaf_paths: li
         else:
             way_out = (f"mark that module as a leaf (trace(..., leaf_paths=['{where}']) or "
                        f"leaf_modules=[ItsClass]), or pass concrete_args to fix Python control flow")
-        raise TraceError(
+        raise _FxCannotTrace(
             f"torch.fx cannot trace {f'module {where!r}' if where else type(model).__name__ + '.forward'} "
             f"({type(exc).__name__}: {exc}).\n"
             f"  at {_user_frame(exc)}\n"
@@ -288,8 +292,8 @@ def _input_specs(inputs: ExampleInputs) -> list[dict[str, Any]]:
             spec = {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
             out.append(spec if name is None else {"name": name, **spec})
         elif name is None or t is not None and not isinstance(t, (bool, int, float, str)):
-            raise TraceError(f"example inputs must be tensors, got {type(t).__name__}"
-                             f"{f' for {name!r}' if name else ''}")
+            raise TraceError(f"example_inputs must be a tensor, a tuple of tensors or a dict of keyword "
+                             f"inputs, got {type(t).__name__}{f' for {name!r}' if name else ''}")
     return out
 
 

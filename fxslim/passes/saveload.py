@@ -29,6 +29,7 @@ import torch
 from torch import fx, nn
 
 from fxslim._args import check_module
+from fxslim._inputs import ExampleInputs
 from fxslim.errors import FxslimError, SaveLoadError
 from fxslim.graph.analysis import analyze
 from fxslim.graph.trace import trace
@@ -198,11 +199,13 @@ def load(directory: str | os.PathLike, model: nn.Module) -> fx.GraphModule:
     except (SafetensorError, OSError, ValueError) as exc:
         raise SaveLoadError(f"{weights} is corrupt or truncated: {exc}") from exc
 
-    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "bool": torch.bool,
               "float64": torch.float64, "int64": torch.int64, "int32": torch.int32}
-    try:
-        inputs = tuple(torch.zeros(s["shape"], dtype=dtypes[s["dtype"]]) for s in plan["inputs"])
-    except (KeyError, TypeError) as exc:
+    try:  # ones, not zeros, for integer inputs: an all-zero attention mask would mask every token
+        made = [(s.get("name"), (torch.zeros if dtypes[s["dtype"]].is_floating_point else torch.ones)(
+            s["shape"], dtype=dtypes[s["dtype"]])) for s in plan["inputs"]]
+        inputs = ExampleInputs(tuple(t for n, t in made if n is None), {n: t for n, t in made if n is not None})
+    except (KeyError, TypeError, AttributeError) as exc:
         raise SaveLoadError(f"{PLAN} has malformed input specs: {plan['inputs']}") from exc
     was_training = model.training
     try:
