@@ -318,8 +318,9 @@ def capture_export(model: nn.Module, inputs: ExampleInputs) -> fx.GraphModule:
         with _no_kv_cache(model):
             ep = torch.export.export(model, inputs.args, kwargs=inputs.kwargs, strict=False)
     except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
         raise TraceError(f"torch.export cannot capture {type(model).__name__} on inputs {inputs.describe()} "
-                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+                         f"({type(exc).__name__}: {first[:300]}{' ...' if len(first) > 300 else ''})") from exc
     exported = ep.module()
     graph = exported.graph
     for node in list(graph.nodes):  # export's own guards: replaced by one clear shape check

@@ -286,11 +286,16 @@ def _deepcopy(model: nn.Module) -> nn.Module:
 
 def _input_specs(inputs: ExampleInputs) -> list[dict[str, Any]]:
     """Shape and dtype of each tensor input (keyword ones with their name)."""
+    def spec(t: torch.Tensor) -> dict[str, Any]:
+        return {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+
     out = []
     for name, t in [(None, a) for a in inputs.args] + list(inputs.kwargs.items()):
+        named = {} if name is None else {"name": name}
         if isinstance(t, torch.Tensor):
-            spec = {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
-            out.append(spec if name is None else {"name": name, **spec})
+            out.append({**named, **spec(t)})
+        elif isinstance(t, (list, tuple)) and t and all(isinstance(i, torch.Tensor) for i in t):
+            out.append({**named, "items": [spec(i) for i in t]})  # a list of images (detectors)
         elif name is None or t is not None and not isinstance(t, (bool, int, float, str)):
             raise TraceError(f"example_inputs must be a tensor, a tuple of tensors or a dict of keyword "
                              f"inputs, got {type(t).__name__}{f' for {name!r}' if name else ''}")
