@@ -38,7 +38,8 @@ def check_oracles(model, x, seed=0, expect_prunable=1):
         assert diff <= ATOL + RTOL, f"dead-channel outputs differ by {diff:.3e} (scaled)"
         assert slicing_mismatches(gm, pruned, plan) == []
         pruned.graph.lint()
-        _runs_on_other_batch(pruned, x)
+        if gm.meta["fxslim_capture"]["kind"] == "fx":  # an export capture is specialised to x's shapes
+            _runs_on_other_batch(pruned, x)
         assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in gm.parameters())
     stat = random_removal(cg, rng, stat_ok=True)
     stat = {k: v for k, v in stat.items() if cg.groups[k].stat}

@@ -57,6 +57,7 @@ class Translation:
         kwargs: ATen argument names passed by keyword (when not at their default).
         free: ATen arguments that do not change the forward's values (layout, pin_memory).
         adapt: ``adapt(bound, node) -> (args, kwargs)`` where the forms differ beyond order.
+        const: keywords the target takes with fixed values (``inplace=True`` for ``aten.silu_``).
     """
 
     target: Any
@@ -64,6 +65,7 @@ class Translation:
     kwargs: tuple[str, ...] = ()
     free: tuple[str, ...] = ()
     adapt: Callable | None = None
+    const: tuple[tuple[str, Any], ...] = ()
 
 
 def _index_of(node: fx.Node, dim: int, index: Any) -> tuple:
@@ -98,6 +100,7 @@ def _embedding(a: dict, node: fx.Node) -> tuple:
 _T = Translation
 _BINARY = ("self", "other")
 _TO = ("non_blocking",)
+_INPLACE = (("inplace", True),)
 # one line per op: ATen overload -> the torch-level form the rule table knows
 ATEN_OPS: dict[Any, Translation] = {
     aten.linear.default: _T(F.linear, ("input", "weight", "bias")),
@@ -106,6 +109,8 @@ ATEN_OPS: dict[Any, Translation] = {
     aten.conv1d.default: _T(F.conv1d, ("input", "weight", "bias", "stride", "padding", "dilation", "groups")),
     aten.conv2d.default: _T(F.conv2d, ("input", "weight", "bias", "stride", "padding", "dilation", "groups")),
     aten.conv3d.default: _T(F.conv3d, ("input", "weight", "bias", "stride", "padding", "dilation", "groups")),
+    aten.batch_norm.default: _T(F.batch_norm, ("input", "running_mean", "running_var", "weight", "bias", "training",
+                                               "momentum", "eps"), free=("cudnn_enabled",)),
     aten.layer_norm.default: _T(F.layer_norm, ("input", "normalized_shape", "weight", "bias", "eps"),
                                 free=("cudnn_enable",)),
     aten.group_norm.default: _T(F.group_norm, ("input", "num_groups", "weight", "bias", "eps"),
@@ -135,6 +140,14 @@ ATEN_OPS: dict[Any, Translation] = {
     aten.tanh.default: _T(torch.tanh),
     aten.sigmoid.default: _T(torch.sigmoid),
     aten.relu.default: _T(torch.relu),
+    aten.relu_.default: _T("method:relu_"),  # in place stays in place: later readers see the result
+    aten.silu_.default: _T(F.silu, const=_INPLACE),
+    aten.hardswish_.default: _T(F.hardswish, const=_INPLACE),
+    aten.hardsigmoid_.default: _T(F.hardsigmoid, const=_INPLACE),
+    aten.hardtanh_.default: _T(F.hardtanh, ("self", "min_val", "max_val"), const=_INPLACE),
+    aten.dropout_.default: _T(F.dropout, ("self", "p", "train"), const=_INPLACE),
+    aten.add_.Tensor: _T("method:add_", _BINARY),
+    aten.mul_.Tensor: _T("method:mul_", _BINARY),
     aten.silu.default: _T(F.silu),
     aten.gelu.default: _T(F.gelu, kwargs=("approximate",)),
     aten.hardswish.default: _T(F.hardswish),
@@ -218,6 +231,7 @@ def _translated(node: fx.Node, tr: Translation) -> tuple[str, Any, tuple, dict] 
         while args and tr.args[len(args) - 1] not in bound:  # trailing defaults: leave them out
             args.pop()
         kwargs = {n: bound[n] for n in tr.kwargs if n in bound and not _at_default(bound[n], schema[n])}
+    kwargs = {**kwargs, **dict(tr.const)}
     if isinstance(tr.target, str):
         return "call_method", tr.target.split(":", 1)[1], tuple(args), kwargs
     return "call_function", tr.target, tuple(args), kwargs
@@ -318,8 +332,9 @@ def capture_export(model: nn.Module, inputs: ExampleInputs) -> fx.GraphModule:
         with _no_kv_cache(model):
             ep = torch.export.export(model, inputs.args, kwargs=inputs.kwargs, strict=False)
     except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
         raise TraceError(f"torch.export cannot capture {type(model).__name__} on inputs {inputs.describe()} "
-                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+                         f"({type(exc).__name__}: {first[:300]}{' ...' if len(first) > 300 else ''})") from exc
     exported = ep.module()
     graph = exported.graph
     for node in list(graph.nodes):  # export's own guards: replaced by one clear shape check

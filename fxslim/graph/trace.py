@@ -188,7 +188,7 @@ def trace(
         try:
             gm = _symbolic(model, specs, leaf_modules, leaf_paths, concrete_args, autowrap_functions,
                            share_weights)
-        except TraceError as fx_exc:
+        except _FxCannotTrace as fx_exc:  # not a refusal (hooks on the model): torch.fx's own limits
             logger.info("torch.fx cannot trace %s; capturing with torch.export: %s", type(model).__name__, fx_exc)
             try:
                 gm = _export(model, inputs, specs, share_weights)
@@ -201,6 +201,10 @@ def trace(
         gm.meta.update({k: v for k, v in fxslim_meta(model).items() if k in _CARRIED})
     propagate_shapes(gm, inputs.flat(gm))
     return gm
+
+
+class _FxCannotTrace(TraceError):
+    """torch.fx symbolic tracing could not follow the code (capture="auto" tries export)."""
 
 
 def _export(model: nn.Module, inputs: ExampleInputs, specs: list, share_weights: bool) -> fx.GraphModule:
@@ -261,7 +265,7 @@ def _symbolic(model: nn.Module, specs: list, leaf_modules: tuple, leaf_paths: li
         else:
             way_out = (f"mark that module as a leaf (trace(..., leaf_paths=['{where}']) or "
                        f"leaf_modules=[ItsClass]), or pass concrete_args to fix Python control flow")
-        raise TraceError(
+        raise _FxCannotTrace(
             f"torch.fx cannot trace {f'module {where!r}' if where else type(model).__name__ + '.forward'} "
             f"({type(exc).__name__}: {exc}).\n"
             f"  at {_user_frame(exc)}\n"
@@ -285,14 +289,19 @@ def _deepcopy(model: nn.Module) -> nn.Module:
 
 def _input_specs(inputs: ExampleInputs) -> list[dict[str, Any]]:
     """Shape and dtype of each tensor input (keyword ones with their name)."""
+    def spec(t: torch.Tensor) -> dict[str, Any]:
+        return {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+
     out = []
     for name, t in [(None, a) for a in inputs.args] + list(inputs.kwargs.items()):
+        named = {} if name is None else {"name": name}
         if isinstance(t, torch.Tensor):
-            spec = {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
-            out.append(spec if name is None else {"name": name, **spec})
+            out.append({**named, **spec(t)})
+        elif isinstance(t, (list, tuple)) and t and all(isinstance(i, torch.Tensor) for i in t):
+            out.append({**named, "items": [spec(i) for i in t]})  # a list of images (detectors)
         elif name is None or t is not None and not isinstance(t, (bool, int, float, str)):
-            raise TraceError(f"example inputs must be tensors, got {type(t).__name__}"
-                             f"{f' for {name!r}' if name else ''}")
+            raise TraceError(f"example_inputs must be a tensor, a tuple of tensors or a dict of keyword "
+                             f"inputs, got {type(t).__name__}{f' for {name!r}' if name else ''}")
     return out
 
 

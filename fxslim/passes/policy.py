@@ -336,7 +336,10 @@ def prune(
 
     Args:
         model: the model (left untouched).
-        example_inputs: a tensor or a tuple of tensors.
+        example_inputs: a tensor, a tuple of tensors, or a dict / transformers
+            ``BatchEncoding`` of keyword inputs (see `fxslim.trace`; a transformers model
+            is captured by torch.export, and the pruned GraphModule then runs on inputs of
+            the example's shapes only).
         ratio: share of units to remove, in [0, 1) (per group; of all units with
             `global_ranking`). Ignored when a target is given.
         ignore: layers (paths or module objects) whose output channels stay whole.

@@ -355,7 +355,7 @@ def prune_channels(model: nn.Module, example_inputs: Any, request: Mapping[str, 
 
     Args:
         model: the model (left untouched).
-        example_inputs: a tensor or tuple of tensors.
+        example_inputs: a tensor, a tuple of tensors or a dict of keyword inputs (see `fxslim.trace`).
         request: {layer path: output-channel indices to remove}, e.g.
             ``{"layer1.0.conv1": [3, 7]}``.
         keep_classes: return the user's own classes where proven (see `fxslim.prune`);

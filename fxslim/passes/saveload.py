@@ -205,15 +205,18 @@ def load(directory: str | os.PathLike, model: nn.Module) -> fx.GraphModule:
     except (SafetensorError, OSError, ValueError) as exc:
         raise SaveLoadError(f"{weights} is corrupt or truncated: {exc}") from exc
 
-    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-              "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
-    try:  # integer inputs (token ids, masks) are ones: in range, and a mask that attends
-        made = [(s.get("name"), (torch.zeros if dtypes[s["dtype"]].is_floating_point else torch.ones)(
-            s["shape"], dtype=dtypes[s["dtype"]])) for s in plan["inputs"]]
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "bool": torch.bool,
+              "float64": torch.float64, "int64": torch.int64, "int32": torch.int32}
+    try:  # ones, not zeros, for integer inputs: an all-zero attention mask would mask every token
+        def make(s: dict) -> Any:
+            if "items" in s:
+                return [make(i) for i in s["items"]]
+            dtype = dtypes[s["dtype"]]
+            return (torch.zeros if dtype.is_floating_point else torch.ones)(s["shape"], dtype=dtype)
+        made = [(s.get("name"), make(s)) for s in plan["inputs"]]
+        inputs = ExampleInputs(tuple(t for n, t in made if n is None), {n: t for n, t in made if n is not None})
     except (KeyError, TypeError, AttributeError) as exc:
         raise SaveLoadError(f"{PLAN} has malformed input specs: {plan['inputs']}") from exc
-    inputs = ExampleInputs(tuple(t for name, t in made if name is None),
-                           {name: t for name, t in made if name is not None})
     was_training = model.training
     try:
         gm = trace(model.eval(), inputs, share_weights=True)
