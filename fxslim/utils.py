@@ -14,7 +14,11 @@ import numpy as np
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-__all__ = ["as_path", "check_output_file", "folders_made", "gc_paused", "sorted_unique"]
+__all__ = ["META_ATTR", "as_path", "check_output_file", "folders_made", "fxslim_meta", "gc_paused", "sorted_unique"]
+
+# where a model fxslim pruned into the user's own classes keeps fxslim's record of it
+# (a GraphModule keeps the same keys in `gm.meta`): see `fxslim_meta`
+META_ATTR = "fxslim_meta"
 
 
 @contextmanager
@@ -87,3 +91,21 @@ def folders_made(folder: Path) -> Iterator[None]:
                     f.rmdir()
                 except OSError:
                     pass
+
+
+def fxslim_meta(model: Any) -> dict[str, Any]:
+    """fxslim's record on a model it produced, for both forms (empty when there is none).
+
+    A GraphModule (`fxslim.trace`, or a prune that kept the graph) holds it in
+    ``gm.meta``; a pruned model in the user's own classes holds the same keys in one
+    attribute, ``model.fxslim_meta``: ``fxslim_source`` (sha256 of the original
+    architecture), ``fxslim_inputs`` (example input specs), ``fxslim_history`` (the
+    prune steps as `save` writes them), ``fxslim_keep`` (per "tensor:dim", the original
+    indices kept; `distill` aligns features by it) and pass facts (``fxslim_latency``).
+    """
+    from torch import fx
+
+    if isinstance(model, fx.GraphModule):
+        return model.meta
+    record = model.__dict__.get(META_ATTR) if hasattr(model, "__dict__") else None
+    return record if isinstance(record, dict) else {}

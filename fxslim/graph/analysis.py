@@ -108,12 +108,15 @@ def channel_groups(
     *,
     leaf_modules: Iterable[type] = (),
     leaf_paths: Iterable[str] = (),
+    capture: str = "auto",
 ) -> list[ChannelGroup]:
     """The channel groups of a model: what can be pruned together, and what is pinned and why.
 
     Args:
         model: an nn.Module (traced here) or a GraphModule from `fxslim.trace`.
-        example_inputs: a tensor or tuple of tensors for the forward pass.
+        example_inputs: a tensor, a tuple of tensors, or a dict / ``BatchEncoding`` of
+            keyword inputs, for the forward pass.
+        leaf_modules, leaf_paths, capture: as in `fxslim.trace`.
 
     Returns:
         A list of `ChannelGroup` in graph order.
@@ -123,7 +126,8 @@ def channel_groups(
         >>> [g.size for g in groups if g.prunable][:3]
         [64, 64, 64]
     """
-    gm = model if _has_meta(model) else trace(model, example_inputs, leaf_modules=leaf_modules, leaf_paths=leaf_paths)
+    gm = model if _has_meta(model) else trace(model, example_inputs, leaf_modules=leaf_modules,
+                                              leaf_paths=leaf_paths, capture=capture)
     return analyze(gm).groups
 
 

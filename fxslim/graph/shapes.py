@@ -268,6 +268,10 @@ def _meta_device_run(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
             return
         else:
             args, kwargs = load(n.args), load(n.kwargs)
+            if "device" in kwargs:  # a device written in the graph (torch.export): build on meta
+                kwargs = {**kwargs, "device": "meta"}
+            if n.op == "call_method" and n.target == "to":  # stay on meta: drop device moves
+                args = tuple(a for a in args if not isinstance(a, (torch.device, str)))
             val = None
             if n.op == "call_module":
                 mod = modules[n.target]

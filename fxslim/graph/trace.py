@@ -20,7 +20,8 @@ import torch
 from torch import fx, nn
 
 import fxslim as fxslim_pkg
-from fxslim._args import check_module, module_paths
+from fxslim._args import check_module, choice, module_paths
+from fxslim._inputs import ExampleInputs, as_inputs
 from fxslim.errors import ArgumentError, TraceError
 from fxslim.graph._guards import (
     copy_gradient_hooks,
@@ -29,10 +30,12 @@ from fxslim.graph._guards import (
     restore_mutated_buffers,
     snapshot_buffers,
 )
+from fxslim.graph.capture import capture_export, is_transformers_model
 from fxslim.graph.shapes import node_shapes, propagate_shapes
-from fxslim.utils import gc_paused
+from fxslim.utils import fxslim_meta, gc_paused
 
 __all__ = [
+    "CAPTURES",
     "TRACE_OPTIONS",
     "FxslimTracer",
     "as_input_tuple",
@@ -48,14 +51,12 @@ logger = logging.getLogger(__name__)
 
 
 def as_input_tuple(example_inputs: Any) -> tuple:
-    """Normalise `example_inputs` (a tensor or a sequence of tensors) to a tuple."""
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    raise TraceError(
-        f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}"
-    )
+    """Positional example inputs as a tuple (kept for callers that take no keywords);
+    entry points use `fxslim._inputs.as_inputs`."""
+    inputs = as_inputs(example_inputs)
+    if inputs.kwargs:
+        raise TraceError(f"keyword inputs {sorted(inputs.kwargs)} where only positional ones are accepted")
+    return inputs.args
 
 
 class FxslimTracer(fx.Tracer):
@@ -122,20 +123,34 @@ def trace(
     leaf_paths: Iterable[str] = (),
     concrete_args: dict[str, Any] | None = None,
     autowrap_functions: Iterable = (),
+    capture: str = "auto",
     share_weights: bool = False,
 ) -> fx.GraphModule:
-    """Trace `model` with torch.fx and record shape and dtype on every node.
+    """Capture `model` as a graph and record shape and dtype on every node.
+
+    Two captures feed the same analysis (DESIGN.md): torch.fx symbolic tracing, and
+    torch.export (non-strict), which runs the model on the example inputs and whose ATen
+    ops are translated into the forms the rule table knows (`fxslim.graph.capture`). The
+    export capture is specialised to the example's shapes: its GraphModule (and any
+    pruned one made from it) runs on inputs of those shapes only and raises a
+    `TraceError` for others; its dropout behaves as in the mode the model had.
 
     The user's model is not modified: the returned GraphModule owns copies of its
     modules and (unless `share_weights`) of its parameters.
 
     Args:
         model: the model to trace (its train/eval mode is kept).
-        example_inputs: a tensor or a tuple of tensors, as the model's forward takes them.
+        example_inputs: what the model's forward takes: a tensor, a tuple of tensors, or a
+            dict / transformers ``BatchEncoding`` of keyword inputs (``input_ids``,
+            ``attention_mask``, ``pixel_values`` ...), or an `ExampleInputs`.
         leaf_modules: extra module types to keep whole (not traced through).
         leaf_paths: qualified names of modules to keep whole.
         concrete_args: passed to torch.fx to specialise Python control flow.
         autowrap_functions: free functions to record as single call_function nodes.
+        capture: "fx" (torch.fx symbolic tracing), "export" (torch.export, non-strict) or
+            "auto": export for a transformers PreTrainedModel, else fx, falling back to
+            export when fx cannot trace the model (and no fx-only option was given). The
+            choice is recorded in ``gm.meta["fxslim_capture"]["kind"]``.
         share_weights: reuse the model's parameter tensors instead of copying them (for
             passes that never write to them in place, such as pruning, which copies
             whatever it keeps).
@@ -148,9 +163,12 @@ def trace(
 
     Example:
         >>> gm = fxslim.trace(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64))
+        >>> gm = fxslim.trace(llama, tokenizer("def f(x):", return_tensors="pt"))  # export capture
     """
     check_module("model", model)
-    inputs = as_input_tuple(example_inputs)
+    inputs = as_inputs(example_inputs)
+    choice("capture", capture, CAPTURES)
+    specs = _input_specs(inputs)  # bad inputs fail here, before either capture
     leaf_paths = module_paths(model, leaf_paths, "leaf_paths")
     leaf_modules = tuple(leaf_modules) if isinstance(leaf_modules, Iterable) else leaf_modules
     if not isinstance(leaf_modules, tuple) or not all(isinstance(t, type) and issubclass(t, nn.Module)
@@ -158,51 +176,108 @@ def trace(
         raise ArgumentError(f"leaf_modules must be nn.Module subclasses (classes, not names), got {leaf_modules!r}")
     if concrete_args is not None and not isinstance(concrete_args, dict):
         raise ArgumentError(f"concrete_args must be a dict {{argument name: value}}, got {type(concrete_args).__name__}")
+    fx_only = bool(leaf_paths or leaf_modules or concrete_args or tuple(autowrap_functions))
+    if capture == "export" and fx_only:
+        raise ArgumentError("leaf_modules, leaf_paths, concrete_args and autowrap_functions apply to "
+                            "capture='fx' only")
     if isinstance(model, fx.GraphModule):
         gm = copy_structure(model) if share_weights else _deepcopy(model)
-    else:
-        # torch.fx stores tensor constants (_tensor_constant0 ...) on the root it traces:
-        # trace a copy so that the user's model stays exactly as it was
-        root = copy_structure(model) if share_weights else _deepcopy(model)
-        opaque = hooked_modules(model)
-        tracer = FxslimTracer(leaf_modules, [*leaf_paths, *opaque], autowrap_functions)
-        snapshot = snapshot_buffers(root, tracer)
+    elif capture == "export" or (capture == "auto" and not fx_only and is_transformers_model(model)):
+        gm = _export(model, inputs, specs, share_weights)
+    elif capture == "auto" and not fx_only:
         try:
+            gm = _symbolic(model, specs, leaf_modules, leaf_paths, concrete_args, autowrap_functions,
+                           share_weights)
+        except _FxCannotTrace as fx_exc:  # not a refusal (hooks on the model): torch.fx's own limits
+            logger.info("torch.fx cannot trace %s; capturing with torch.export: %s", type(model).__name__, fx_exc)
+            try:
+                gm = _export(model, inputs, specs, share_weights)
+            except TraceError as exc:
+                raise TraceError(f"{fx_exc}\n  torch.export (tried next) failed as well: {exc}") from exc
+    else:
+        gm = _symbolic(model, specs, leaf_modules, leaf_paths, concrete_args, autowrap_functions, share_weights)
+    if not isinstance(model, fx.GraphModule):
+        # a model fxslim pruned into the user's classes: its source, inputs and history go on
+        gm.meta.update({k: v for k, v in fxslim_meta(model).items() if k in _CARRIED})
+    propagate_shapes(gm, inputs.flat(gm))
+    return gm
+
+
+class _FxCannotTrace(TraceError):
+    """torch.fx symbolic tracing could not follow the code (capture="auto" tries export)."""
+
+
+def _export(model: nn.Module, inputs: ExampleInputs, specs: list, share_weights: bool) -> fx.GraphModule:
+    """The torch.export capture, with fxslim's metadata (see `fxslim.graph.capture`)."""
+    gm = capture_export(model, inputs)
+    if not share_weights:
+        _own_tensors(gm)
+    gm.training = model.training
+    gm.meta["fxslim_opaque"] = {}
+    gm.meta["fxslim_source"] = fingerprint(model, gm)
+    gm.meta["fxslim_inputs"] = specs
+    return gm
+
+
+def _own_tensors(gm: fx.GraphModule) -> None:
+    """Give `gm` copies of the tensors it shares with the model (tied ones stay tied)."""
+    copies: dict[int, torch.Tensor] = {}
+    for mod in gm.modules():
+        for table in (mod._parameters, mod._buffers):
+            for name, t in table.items():
+                if t is None:
+                    continue
+                if id(t) not in copies:
+                    c = t.detach().clone()
+                    copies[id(t)] = nn.Parameter(c, t.requires_grad) if isinstance(t, nn.Parameter) else c
+                table[name] = copies[id(t)]
+
+
+def _symbolic(model: nn.Module, specs: list, leaf_modules: tuple, leaf_paths: list,
+              concrete_args: dict | None, autowrap_functions: Iterable, share_weights: bool) -> fx.GraphModule:
+    """The torch.fx capture."""
+    # torch.fx stores tensor constants (_tensor_constant0 ...) on the root it traces:
+    # trace a copy so that the user's model stays exactly as it was
+    root = copy_structure(model) if share_weights else _deepcopy(model)
+    opaque = hooked_modules(model)
+    tracer = FxslimTracer(leaf_modules, [*leaf_paths, *opaque], autowrap_functions)
+    snapshot = snapshot_buffers(root, tracer)
+    try:
+        with recording_semantics(tracer):
+            graph = tracer.trace(root, concrete_args=concrete_args)
+        moved = restore_mutated_buffers(snapshot)
+        if moved:  # forward updates buffers in place: trace again with buffers as nodes
+            logger.info("forward writes to buffers %s in place: recording buffer accesses", moved)
+            tracer = FxslimTracer(leaf_modules, [*leaf_paths, *opaque], autowrap_functions)
+            tracer.proxy_buffer_attributes = True
             with recording_semantics(tracer):
                 graph = tracer.trace(root, concrete_args=concrete_args)
-            moved = restore_mutated_buffers(snapshot)
-            if moved:  # forward updates buffers in place: trace again with buffers as nodes
-                logger.info("forward writes to buffers %s in place: recording buffer accesses", moved)
-                tracer = FxslimTracer(leaf_modules, [*leaf_paths, *opaque], autowrap_functions)
-                tracer.proxy_buffer_attributes = True
-                with recording_semantics(tracer):
-                    graph = tracer.trace(root, concrete_args=concrete_args)
-                if restore_mutated_buffers(snapshot):
-                    raise TraceError(f"forward writes to buffers {moved} in a way torch.fx cannot record")
-        except TraceError:
-            raise
-        except Exception as exc:
-            restore_mutated_buffers(snapshot)
-            where = tracer.failed_path
-            if where is None:  # the model's own forward: it cannot be a leaf of itself
-                way_out = ("trace the submodules that can be traced (wrap the rest as leaves in a "
-                           "module of your own), or pass concrete_args to fix Python control flow")
-            else:
-                way_out = (f"mark that module as a leaf (trace(..., leaf_paths=['{where}']) or "
-                           f"leaf_modules=[ItsClass]), or pass concrete_args to fix Python control flow")
-            raise TraceError(
-                f"torch.fx cannot trace {f'module {where!r}' if where else type(model).__name__ + '.forward'} "
-                f"({type(exc).__name__}: {exc}).\n"
-                f"  at {_user_frame(exc)}\n"
-                f"  Way out: {way_out}."
-            ) from exc
-        name = type(model).__name__
-        gm = _graph_module(root, graph, name)
-        gm.training = model.training  # submodules are copies: each keeps its own mode
-        gm.meta["fxslim_opaque"] = opaque
-        gm.meta["fxslim_source"] = fingerprint(model, gm)
-        gm.meta["fxslim_inputs"] = [_input_spec(t) for t in inputs]
-    propagate_shapes(gm, inputs)
+            if restore_mutated_buffers(snapshot):
+                raise TraceError(f"forward writes to buffers {moved} in a way torch.fx cannot record")
+    except TraceError:
+        raise
+    except Exception as exc:
+        restore_mutated_buffers(snapshot)
+        where = tracer.failed_path
+        if where is None:  # the model's own forward: it cannot be a leaf of itself
+            way_out = ("trace the submodules that can be traced (wrap the rest as leaves in a "
+                       "module of your own), or pass concrete_args to fix Python control flow")
+        else:
+            way_out = (f"mark that module as a leaf (trace(..., leaf_paths=['{where}']) or "
+                       f"leaf_modules=[ItsClass]), or pass concrete_args to fix Python control flow")
+        raise _FxCannotTrace(
+            f"torch.fx cannot trace {f'module {where!r}' if where else type(model).__name__ + '.forward'} "
+            f"({type(exc).__name__}: {exc}).\n"
+            f"  at {_user_frame(exc)}\n"
+            f"  Way out: {way_out}."
+        ) from exc
+    name = type(model).__name__
+    gm = _graph_module(root, graph, name)
+    gm.training = model.training  # submodules are copies: each keeps its own mode
+    gm.meta["fxslim_opaque"] = opaque
+    gm.meta["fxslim_source"] = fingerprint(model, gm)
+    gm.meta["fxslim_inputs"] = specs
+    gm.meta["fxslim_capture"] = {"kind": "fx"}
     return gm
 
 
@@ -212,14 +287,30 @@ def _deepcopy(model: nn.Module) -> nn.Module:
     return out
 
 
-def _input_spec(t: Any) -> dict[str, Any]:
-    if not isinstance(t, torch.Tensor):
-        raise TraceError(f"example inputs must be tensors, got {type(t).__name__}")
-    return {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+def _input_specs(inputs: ExampleInputs) -> list[dict[str, Any]]:
+    """Shape and dtype of each tensor input (keyword ones with their name)."""
+    def spec(t: torch.Tensor) -> dict[str, Any]:
+        return {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+
+    out = []
+    for name, t in [(None, a) for a in inputs.args] + list(inputs.kwargs.items()):
+        named = {} if name is None else {"name": name}
+        if isinstance(t, torch.Tensor):
+            out.append({**named, **spec(t)})
+        elif isinstance(t, (list, tuple)) and t and all(isinstance(i, torch.Tensor) for i in t):
+            out.append({**named, "items": [spec(i) for i in t]})  # a list of images (detectors)
+        elif name is None or t is not None and not isinstance(t, (bool, int, float, str)):
+            raise TraceError(f"example_inputs must be a tensor, a tuple of tensors or a dict of keyword "
+                             f"inputs, got {type(t).__name__}{f' for {name!r}' if name else ''}")
+    return out
 
 
 # keywords of `trace` that the other entry points pass through to it
-TRACE_OPTIONS = ("leaf_modules", "leaf_paths", "concrete_args", "autowrap_functions")
+TRACE_OPTIONS = ("leaf_modules", "leaf_paths", "concrete_args", "autowrap_functions", "capture")
+CAPTURES = ("auto", "fx", "export")
+
+# the record a class-kept pruned model carries into its trace (`fxslim.utils.fxslim_meta`)
+_CARRIED = ("fxslim_source", "fxslim_inputs", "fxslim_history", "fxslim_keep")
 
 _CONSTANT = re.compile(r"^_tensor_constant\d+$")
 

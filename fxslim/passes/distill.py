@@ -11,7 +11,8 @@ their softmax(t_k / T), weights summing to one.
 
 Feature loss: mean squared error between chosen intermediate features. When the student
 was produced by fxslim from the teacher, student channel i *is* teacher channel
-``keep[i]`` (``student.meta["fxslim_keep"]``), so the teacher feature is simply indexed,
+``keep[i]`` (``fxslim.utils.fxslim_meta(student)["fxslim_keep"]``: ``gm.meta`` of a
+GraphModule, ``student.fxslim_meta`` of a model in its own classes), so the teacher feature is simply indexed,
 with no learned adapter; for another architecture a learned 1x1 projection maps student
 channels to teacher channels.
 """
@@ -38,6 +39,7 @@ from fxslim.runtime.train import (
     model_device,
     train,
 )
+from fxslim.utils import fxslim_meta
 
 __all__ = [
     "DistillResult",
@@ -81,7 +83,7 @@ def channel_map(student: nn.Module, layer: str) -> torch.Tensor | None:
 
     Returns None when the layer was not pruned (channel i is channel i).
     """
-    keep = (getattr(student, "meta", {}) or {}).get("fxslim_keep", {})
+    keep = fxslim_meta(student).get("fxslim_keep", {})
     mod = student.get_submodule(layer)
     if isinstance(mod, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Embedding)):
         key = f"{layer}.weight:1"  # these keep their output channels on weight dim 1

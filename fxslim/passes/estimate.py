@@ -21,8 +21,8 @@ import torch
 from torch import fx
 from torch.utils.flop_counter import FlopCounterMode
 
+from fxslim._inputs import as_inputs
 from fxslim.graph.coupling import CouplingGraph, iter_spaces
-from fxslim.graph.trace import as_input_tuple
 from fxslim.runtime.measure import no_mha_fastpath
 
 __all__ = ["CostModel"]
@@ -40,7 +40,7 @@ class CostModel:
         self.gm, self.cg = gm, cg
         self.node_macs: dict[str, tuple[float, float]] = {}  # name -> (projection, attention) MACs
         self.param_shapes = {k: tuple(p.shape) for k, p in gm.named_parameters()}
-        self._measure(as_input_tuple(example_inputs))
+        self._measure(as_inputs(example_inputs).flat(gm))
         self.total_macs = sum(a + b for a, b in self.node_macs.values())
         self.total_params = sum(int(np.prod(s)) for s in self.param_shapes.values())
 

@@ -329,13 +329,17 @@ def prune(
     target_latency: float | None = None,
     latency_options: Mapping[str, Any] | None = None,
     dry_run: bool = False,
+    keep_classes: bool = True,
     **trace_kwargs: Any,
-) -> fx.GraphModule | PlanReport:
+) -> nn.Module | PlanReport:
     """Prune channel groups, least important units first.
 
     Args:
         model: the model (left untouched).
-        example_inputs: a tensor or a tuple of tensors.
+        example_inputs: a tensor, a tuple of tensors, or a dict / transformers
+            ``BatchEncoding`` of keyword inputs (see `fxslim.trace`; a transformers model
+            is captured by torch.export, and the pruned GraphModule then runs on inputs of
+            the example's shapes only).
         ratio: share of units to remove, in [0, 1) (per group; of all units with
             `global_ranking`). Ignored when a target is given.
         ignore: layers (paths or module objects) whose output channels stay whole.
@@ -351,9 +355,15 @@ def prune(
         target_latency: reach this fraction of the measured CPU latency
             (``fxslim.passes.latency``; options in `latency_options`).
         dry_run: return the `PlanReport` (a printable table) instead of a model.
+        keep_classes: return the pruned model as the user's own classes (a copy with
+            sliced tensors and updated size attributes, proven equal to the rewritten
+            graph; see ``fxslim.passes.keep_classes``), falling back to the torch.fx
+            GraphModule where that cannot be proven (the reason is logged). False: always
+            the GraphModule.
 
     Returns:
-        A new, smaller GraphModule, or the `PlanReport` with `dry_run`.
+        A new, smaller model (the user's classes, or a GraphModule), or the `PlanReport`
+        with `dry_run`.
 
     Example:
         >>> small = fxslim.prune(resnet18(), x, target_macs=0.5, round_to=8, ignore=["fc"])
@@ -382,18 +392,31 @@ def prune(
         A.known_names("latency_options", latency_options, LATENCY_OPTIONS)
     A.known_names("prune() keyword", trace_kwargs, TRACE_OPTIONS)
     crit = get_importance(importance) if importance is not None else l1_importance
+    finish = _finisher(model, example_inputs, keep_classes)
     if target_latency is None and target_macs is None and target_params is None and not dry_run:
-        return _prune_once(model, example_inputs, policy, crit, trace_kwargs)  # no pricing needed
+        return finish(_prune_once(model, example_inputs, policy, crit, trace_kwargs))  # no pricing needed
     gm = trace(model, example_inputs, share_weights=True, **trace_kwargs)
     cg = analyze(gm)
     if target_latency is not None:
         from fxslim.passes.latency import prune_to_latency
 
-        return prune_to_latency(gm, cg, example_inputs, target_latency, policy, crit, **(latency_options or {}))
+        return finish(prune_to_latency(gm, cg, example_inputs, target_latency, policy, crit,
+                                       **(latency_options or {})))
     report = plan_prune(gm, cg, example_inputs, policy, crit, target_macs=target_macs, target_params=target_params)
     if dry_run:
         return report
-    return apply_plan(gm, cg, report.plan, example_inputs, inplace=True)
+    return finish(apply_plan(gm, cg, report.plan, example_inputs, inplace=True))
+
+
+def _finisher(model: nn.Module, example_inputs: Any, keep: bool) -> Callable[[fx.GraphModule], nn.Module]:
+    """The last step of every prune: the user's classes back where proven (or not asked)."""
+    if not isinstance(keep, bool):
+        raise ArgumentError(f"keep_classes must be True or False, got {keep!r}")
+    if not keep:
+        return lambda gm: gm
+    from fxslim.passes.keep_classes import keep_classes
+
+    return lambda gm: keep_classes(model, gm, example_inputs)
 
 
 @gc_paused  # one collector pause over the four passes: survivors are scanned once, not per pass

@@ -21,6 +21,7 @@ import torch
 from torch import fx, nn
 
 from fxslim._args import check_module, closest, known_names
+from fxslim._inputs import as_inputs
 from fxslim.errors import (
     ArgumentError,
     PassContractError,
@@ -32,7 +33,7 @@ from fxslim.errors import (
 from fxslim.graph import rules as R
 from fxslim.graph.coupling import ChannelGroup, CouplingGraph, Member, where
 from fxslim.graph.shapes import propagate_shapes
-from fxslim.graph.trace import as_input_tuple, compile_now, copy_structure
+from fxslim.graph.trace import compile_now, copy_structure
 from fxslim.passes.base import Pass, PassResult
 from fxslim.utils import gc_paused
 
@@ -212,7 +213,7 @@ def apply_plan(gm: fx.GraphModule, cg: CouplingGraph, plan: PrunePlan, example_i
     new.meta["fxslim_keep"] = keep
     compile_now(new)
     try:  # also the check that every rewritten size agrees: each node runs on meta tensors
-        propagate_shapes(new, as_input_tuple(example_inputs))
+        propagate_shapes(new, as_inputs(example_inputs).flat(new))
     except TraceError as exc:
         raise PassContractError(
             f"pass author: the pruned graph no longer runs (a producer/consumer size disagrees): {exc}"
@@ -348,17 +349,21 @@ class PruneChannelsPass(Pass):
         return PassResult(new, before != after, {"plan": self.plan, "params_before": before, "params_after": after})
 
 
-def prune_channels(model: nn.Module, example_inputs: Any, request: Mapping[str, Iterable[int]], **trace_kwargs) -> fx.GraphModule:
+def prune_channels(model: nn.Module, example_inputs: Any, request: Mapping[str, Iterable[int]], *,
+                   keep_classes: bool = True, **trace_kwargs) -> nn.Module:
     """Remove output channels of layers, and everything coupled to them, physically.
 
     Args:
         model: the model (left untouched).
-        example_inputs: a tensor or tuple of tensors.
+        example_inputs: a tensor, a tuple of tensors or a dict of keyword inputs (see `fxslim.trace`).
         request: {layer path: output-channel indices to remove}, e.g.
             ``{"layer1.0.conv1": [3, 7]}``.
+        keep_classes: return the user's own classes where proven (see `fxslim.prune`);
+            False: always the torch.fx GraphModule.
 
     Returns:
-        A new, smaller GraphModule that runs, traces again and can be pruned again.
+        A new, smaller model (the user's classes, or a GraphModule) that runs, traces
+        again and can be pruned again.
 
     Raises:
         PinnedChannelsError: the channels belong to a pinned group (the reason says why).
@@ -371,6 +376,8 @@ def prune_channels(model: nn.Module, example_inputs: Any, request: Mapping[str, 
     from fxslim.graph.trace import TRACE_OPTIONS, trace
 
     check_module("model", model)
+    if not isinstance(keep_classes, bool):
+        raise ArgumentError(f"keep_classes must be True or False, got {keep_classes!r}")
     known_names("prune_channels() keyword", trace_kwargs, TRACE_OPTIONS)
     if not isinstance(request, Mapping):
         raise ArgumentError(f"request must be a mapping {{layer path: channel indices}}, got {type(request).__name__}")
@@ -382,4 +389,9 @@ def prune_channels(model: nn.Module, example_inputs: Any, request: Mapping[str, 
             raise ArgumentError(f"request entries must be 'layer path': [channel indices, ...], got {layer!r}: {idx!r}")
     gm = trace(model, example_inputs, share_weights=True, **trace_kwargs)
     cg = analyze(gm)
-    return PruneChannelsPass(cg, request, example_inputs)(gm).module
+    small = PruneChannelsPass(cg, request, example_inputs)(gm).module
+    if not keep_classes:
+        return small
+    from fxslim.passes.keep_classes import keep_classes as keep
+
+    return keep(model, small, example_inputs)

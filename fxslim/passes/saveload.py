@@ -4,12 +4,15 @@ A save directory holds two files:
 
 * ``plan.json``: format tag, fxslim and torch versions, the sha256 fingerprint of the
   source architecture, the example input shapes, and the pruning history (per step,
-  per changed group: its root member and the kept channel indices), plus the sha256 of
-  the weights file;
+  per changed group: its root member and the kept channel indices), the form
+  (``"module"``: the user's own classes, ``"graph"``: a torch.fx GraphModule), plus the
+  sha256 of the weights file;
 * ``weights.safetensors``: every parameter and buffer of the pruned model.
 
 `load` traces a fresh instance of the original architecture, re-applies the plan
-steps, checks every tensor name and shape, and assigns the weights. Nothing in the
+steps, checks every tensor name and shape, and assigns the weights; a ``"module"`` save
+is then rebuilt as the instance's own classes and proven equal to the graph again
+(``fxslim.passes.keep_classes``), so `load` gives back the form that was saved. Nothing in the
 files is executed. Saving writes both files under temporary names in the directory and
 renames them into place, the plan last, so an interrupted save leaves the previous
 save intact; it never deletes or replaces anything it did not write itself.
@@ -29,11 +32,12 @@ import torch
 from torch import fx, nn
 
 from fxslim._args import check_module
+from fxslim._inputs import ExampleInputs
 from fxslim.errors import FxslimError, SaveLoadError
 from fxslim.graph.analysis import analyze
 from fxslim.graph.trace import trace
 from fxslim.passes.prune import apply_plan, find_recorded_group, make_plan
-from fxslim.utils import as_path, check_output_file, folders_made
+from fxslim.utils import as_path, check_output_file, folders_made, fxslim_meta
 
 __all__ = ["PLAN_FORMAT", "load", "save", "save_pt2"]
 
@@ -94,7 +98,8 @@ def save(model: fx.GraphModule, directory: str | os.PathLike, *, overwrite: bool
     never a half-written one.
 
     Args:
-        model: a GraphModule returned by `fxslim.trace`, `prune` or `prune_channels`.
+        model: a model returned by `fxslim.trace`, `prune` or `prune_channels` (a
+            GraphModule, or the user's own classes carrying ``model.fxslim_meta``).
         directory: the save directory (created if missing).
         overwrite: replace an earlier fxslim save at `directory`.
 
@@ -114,7 +119,7 @@ def save(model: fx.GraphModule, directory: str | os.PathLike, *, overwrite: bool
 
     import fxslim
 
-    meta = getattr(model, "meta", {}) or {}
+    meta = fxslim_meta(model) if isinstance(model, nn.Module) else {}
     if not isinstance(model, nn.Module) or "fxslim_source" not in meta:
         raise SaveLoadError("save() takes a model produced by fxslim (trace, prune or prune_channels), "
                             f"got {type(model).__name__}")
@@ -134,6 +139,7 @@ def save(model: fx.GraphModule, directory: str | os.PathLike, *, overwrite: bool
                 "source_fingerprint": meta["fxslim_source"],
                 "inputs": meta.get("fxslim_inputs", []),
                 "steps": meta.get("fxslim_history", []),
+                "form": "graph" if isinstance(model, fx.GraphModule) else "module",
                 "weights_sha256": _sha256(w_tmp),
                 "tensors": {k: list(v.shape) for k, v in tensors.items()},
             }
@@ -176,7 +182,8 @@ def load(directory: str | os.PathLike, model: nn.Module) -> fx.GraphModule:
         model: a fresh instance of the architecture that was pruned (left untouched).
 
     Returns:
-        The pruned GraphModule with the saved weights, in eval mode.
+        The pruned model with the saved weights, in eval mode, in the saved form: the
+        model's own classes or a GraphModule.
 
     Raises:
         SaveLoadError: corrupt or truncated files, another architecture, missing, extra
@@ -198,11 +205,17 @@ def load(directory: str | os.PathLike, model: nn.Module) -> fx.GraphModule:
     except (SafetensorError, OSError, ValueError) as exc:
         raise SaveLoadError(f"{weights} is corrupt or truncated: {exc}") from exc
 
-    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "bool": torch.bool,
               "float64": torch.float64, "int64": torch.int64, "int32": torch.int32}
-    try:
-        inputs = tuple(torch.zeros(s["shape"], dtype=dtypes[s["dtype"]]) for s in plan["inputs"])
-    except (KeyError, TypeError) as exc:
+    try:  # ones, not zeros, for integer inputs: an all-zero attention mask would mask every token
+        def make(s: dict) -> Any:
+            if "items" in s:
+                return [make(i) for i in s["items"]]
+            dtype = dtypes[s["dtype"]]
+            return (torch.zeros if dtype.is_floating_point else torch.ones)(s["shape"], dtype=dtype)
+        made = [(s.get("name"), make(s)) for s in plan["inputs"]]
+        inputs = ExampleInputs(tuple(t for n, t in made if n is None), {n: t for n, t in made if n is not None})
+    except (KeyError, TypeError, AttributeError) as exc:
         raise SaveLoadError(f"{PLAN} has malformed input specs: {plan['inputs']}") from exc
     was_training = model.training
     try:
@@ -227,7 +240,26 @@ def load(directory: str | os.PathLike, model: nn.Module) -> fx.GraphModule:
             removal[grp.id] = [u for u in range(grp.size) if u not in kept]
         gm = apply_plan(gm, cg, make_plan(cg, removal), inputs, inplace=True)
 
-    want = {k: tuple(v.shape) for k, v in gm.state_dict().items()}
+    form = plan.get("form", "graph")
+    if form not in ("graph", "module"):
+        raise SaveLoadError(f"{PLAN} names an unknown form {form!r} (expected 'graph' or 'module')")
+    gm_keys = set(gm.state_dict())
+    if form == "graph":
+        _check_tensors(weights, {k: tuple(v.shape) for k, v in gm.state_dict().items()}, tensors)
+    else:  # tensors the graph holds once (tied weights) may be saved under more names
+        missing = sorted(gm_keys - set(tensors))
+        if missing:
+            raise SaveLoadError(f"{weights}: missing tensors {missing[:5]}")
+        _check_tensors(weights, {k: tuple(v.shape) for k, v in gm.state_dict().items()},
+                       {k: v for k, v in tensors.items() if k in gm_keys})
+    gm.load_state_dict({k: v for k, v in tensors.items() if k in gm_keys}, strict=True, assign=True)
+    gm.eval()
+    if form == "graph":
+        return gm
+    return _as_classes(model, gm, inputs, tensors, weights)
+
+
+def _check_tensors(weights: Path, want: dict[str, tuple], tensors: dict[str, torch.Tensor]) -> None:
     got = {k: tuple(v.shape) for k, v in tensors.items()}
     missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     if missing or extra:
@@ -235,8 +267,30 @@ def load(directory: str | os.PathLike, model: nn.Module) -> fx.GraphModule:
     wrong = [f"{k}: file {got[k]}, model {want[k]}" for k in want if want[k] != got[k]]
     if wrong:
         raise SaveLoadError(f"{weights}: wrong shapes: {wrong[:5]}")
-    gm.load_state_dict(tensors, strict=True, assign=True)
-    return gm.eval()
+
+
+def _as_classes(model: nn.Module, gm: fx.GraphModule, inputs: ExampleInputs, tensors: dict[str, torch.Tensor],
+                weights: Path) -> nn.Module:
+    """The loaded GraphModule rebuilt as the model's own classes (the form that was saved),
+    proven equal to it like at prune time, and holding exactly the saved tensors."""
+    from fxslim.passes.keep_classes import keep_classes
+
+    was_training = model.training
+    try:
+        kept = keep_classes(model.eval(), gm, inputs)
+    finally:
+        model.train(was_training)
+    if kept is gm:
+        raise SaveLoadError(
+            f"the save holds {type(model).__name__} as its own classes, but the model given cannot be rebuilt "
+            f"so: {gm.meta.get('fxslim_form_reason')}"
+        )
+    state = kept.state_dict()
+    _check_tensors(weights, {k: tuple(v.shape) for k, v in state.items()}, tensors)
+    differ = [k for k, v in state.items() if not torch.equal(v, tensors[k])]
+    if differ:
+        raise SaveLoadError(f"{weights}: tensors {differ[:5]} are one tensor in the model but differ in the file")
+    return kept.eval()
 
 
 def save_pt2(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *, overwrite: bool = False) -> Path:

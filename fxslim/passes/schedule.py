@@ -10,12 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from torch import fx, nn
+from torch import nn
 
-from fxslim.errors import PlanMismatchError
+from fxslim.errors import ArgumentError, PlanMismatchError
 from fxslim.graph.analysis import analyze
 from fxslim.graph.trace import trace
 from fxslim.passes.importance import get_importance, l1_importance
+from fxslim.passes.keep_classes import keep_classes as keep
 from fxslim.passes.policy import Policy, plan_prune
 from fxslim.passes.prune import apply_plan
 from fxslim.runtime.measure import count_macs, count_params
@@ -30,25 +31,30 @@ def prune_iteratively(
     steps: int,
     target_macs: float | None = None,
     target_params: float | None = None,
-    callback: Callable[[fx.GraphModule, int], nn.Module | None] | None = None,
+    callback: Callable[[nn.Module, int], nn.Module | None] | None = None,
     importance: Any = None,
+    keep_classes: bool = True,
     **policy: Any,
-) -> fx.GraphModule:
+) -> nn.Module:
     """Prune to `target_macs` (or `target_params`) of the original in `steps` steps.
 
     Args:
         callback: ``callback(model, step)`` after each step; it may train the model in
             place or return a replacement (e.g. a distilled copy).
         importance: as in `fxslim.prune`; data-driven criteria re-score every step.
+        keep_classes: after each step, the model as its own classes where proven (see
+            `fxslim.prune`); False: GraphModules throughout.
         policy: `Policy` fields (round_to, global_ranking, max_ratio, ignore ...).
 
     Returns:
-        The final pruned GraphModule.
+        The final pruned model (its own classes, or a GraphModule).
 
     Example:
         >>> small = prune_iteratively(model, x, steps=3, target_macs=0.5,
         ...                           callback=lambda m, k: fit(m, train, epochs=1))
     """
+    if not isinstance(keep_classes, bool):
+        raise ArgumentError(f"keep_classes must be True or False, got {keep_classes!r}")
     if steps < 1 or (target_macs is None) == (target_params is None):
         raise PlanMismatchError("give steps >= 1 and exactly one of target_macs / target_params")
     goal = target_macs if target_macs is not None else target_params
@@ -63,7 +69,8 @@ def prune_iteratively(
         rel = min(0.999, want * base / measure(gm))
         kw = {"target_macs": rel} if target_macs is not None else {"target_params": rel}
         report = plan_prune(gm, cg, example_inputs, Policy(**policy), crit, **kw)
-        current = apply_plan(gm, cg, report.plan, example_inputs)
+        pruned = apply_plan(gm, cg, report.plan, example_inputs, inplace=True)  # gm is this step's own
+        current = keep(current, pruned, example_inputs) if keep_classes else pruned
         if callback is not None:
             out = callback(current, k)
             current = out if out is not None else current

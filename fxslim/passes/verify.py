@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from fxslim._inputs import as_inputs
 from fxslim.graph.coupling import CouplingGraph
-from fxslim.graph.trace import as_input_tuple, copy_structure
+from fxslim.graph.trace import copy_structure
 from fxslim.passes.prune import PrunePlan, apply_plan, make_plan
 
 __all__ = ["dead_channel_check", "max_scaled_diff", "slicing_mismatches", "zero_channels"]
@@ -109,12 +110,12 @@ def dead_channel_check(
         inputs: inputs to compare outputs on (default: `example_inputs`).
     """
     plan = make_plan(cg, removal)
-    xs = as_input_tuple(inputs if inputs is not None else example_inputs)
+    xs = as_inputs(inputs if inputs is not None else example_inputs)
     dead = zero_channels(gm, plan)
     with torch.inference_mode():
-        want = dead.eval()(*xs)
+        want = xs.call(dead.eval())
     del dead  # one copy at a time: the zeroed one, then the pruned one
     pruned = apply_plan(gm, cg, plan, example_inputs)
     with torch.inference_mode():
-        got = pruned.eval()(*xs)
+        got = xs.call(pruned.eval())
     return max_scaled_diff(want, got), pruned, plan

@@ -109,12 +109,15 @@ def _save(model: Any, folder: Path) -> None:
 
 
 def traced(model: Any, inputs: tuple) -> Any:
-    """`model` traced by fxslim (as a save needs it), unless it already is."""
+    """`model` with fxslim's record (as a save needs it), unless it already has one: the
+    user's own classes where `keep_classes` proves them, else the traced graph."""
     import fxslim
+    from fxslim.passes.keep_classes import keep_classes
+    from fxslim.utils import fxslim_meta
 
-    if "fxslim_source" in (getattr(model, "meta", None) or {}):
+    if "fxslim_source" in fxslim_meta(model):
         return model
-    return fxslim.trace(model, inputs)
+    return keep_classes(model, fxslim.trace(model, inputs), inputs)
 
 
 def groups_record(ctx: StepContext, model: Any) -> dict:

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from fxslim._args import check_module, positive_int
+from fxslim._inputs import as_inputs
 from fxslim.errors import ArgumentError
 
 __all__ = [
@@ -24,8 +25,6 @@ __all__ = [
 ]
 
 
-def _tuple(x: Any) -> tuple:
-    return x if isinstance(x, tuple) else tuple(x) if isinstance(x, list) else (x,)
 
 
 def count_params(model: nn.Module) -> int:
@@ -50,7 +49,7 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
     """Multiply-accumulates of one forward pass, from torch.utils.flop_counter (FLOPs / 2)."""
     check_module("model", model)
     with FlopCounterMode(display=False) as counter, torch.inference_mode(), no_mha_fastpath():
-        model(*_tuple(example_inputs))
+        as_inputs(example_inputs).call(model)
     return counter.get_total_flops() // 2
 
 
@@ -78,11 +77,11 @@ def measure_latency(
     if threads is not None:
         positive_int("threads", threads)
     if isinstance(fn, nn.Module):
-        module, xs = fn.eval(), _tuple(example_inputs)
+        module, xs = fn.eval(), as_inputs(example_inputs)
 
         def call() -> Any:
             with torch.inference_mode():
-                return module(*xs)
+                return xs.call(module)
     else:
         call = fn
     old = torch.get_num_threads()
@@ -115,7 +114,7 @@ def onnx_latency(path: str, example_inputs: Any, *, threads: int = 1, warmup: in
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
     sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-    feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(sess.get_inputs(), _tuple(example_inputs))}
+    feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(sess.get_inputs(), as_inputs(example_inputs).tensors())}
     return measure_latency(lambda: sess.run(None, feeds), warmup=warmup, runs=runs)
 
 
@@ -139,9 +138,9 @@ def peak_memory_bytes(model: nn.Module, example_inputs: Any) -> int:
     """
     from torch.profiler import ProfilerActivity, profile
 
-    xs = _tuple(example_inputs)
+    xs = as_inputs(example_inputs)
     with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        model.eval()(*xs)
+        xs.call(model.eval())
     events = sorted(
         (e for e in prof.events() if e.cpu_memory_usage and not e.cpu_children),
         key=lambda e: e.time_range.start,

@@ -95,7 +95,7 @@ def test_tensor_read_out_of_a_leaf_model_output_is_pinned_not_a_crash():
     model = Wrapped().eval()
     x = torch.randn(1, 8, 32)
     with pytest.raises(fxslim.TraceError, match="WhisperEncoder.forward") as err:
-        fxslim.trace(model.enc, x)  # its own forward: not "mark '<top level>' as a leaf"
+        fxslim.trace(model.enc, x, capture="fx")  # its own forward: not "mark '<top level>' as a leaf"
     assert "<top level>" not in str(err.value)
     gm = fxslim.trace(model, x, leaf_paths=["enc"])
     cg = fxslim.analyze(gm)

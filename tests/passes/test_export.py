@@ -30,6 +30,7 @@ X = torch.randn(1, 3, 16, 16)
 
 def test_export_verifies_pruned_model_and_dynamic_batch(tmp_path):
     small = fxslim.prune(Small().eval(), X, 0.5)
+    assert type(small) is Small and small.a[0].out_channels == 4  # the user's classes (the default form)
     rep = fxslim.export_onnx(small, X, tmp_path / "s.onnx")
     assert rep.max_diff <= 1e-4 and rep.batch_sizes == (1, 3)
     assert rep.nodes_after <= rep.nodes_before and rep.file_bytes == (tmp_path / "s.onnx").stat().st_size

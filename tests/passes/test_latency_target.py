@@ -10,6 +10,7 @@ import torchvision
 import fxslim
 from fxslim.passes.latency import latency_of
 from fxslim.runtime.measure import count_macs
+from fxslim.utils import fxslim_meta
 
 
 def test_search_reaches_target_under_a_deterministic_clock():
@@ -25,7 +26,7 @@ def test_search_reaches_target_under_a_deterministic_clock():
 
     small = fxslim.prune(model, x, target_latency=0.5, ignore=["fc"],
                          latency_options={"measure": fake_ms, "tol": 0.03, "steps": 14})
-    base, final = small.meta["fxslim_latency"]
+    base, final = fxslim_meta(small)["fxslim_latency"]
     assert base == pytest.approx(fake_ms(fxslim.trace(model, x)))
     assert abs(final / base - 0.5) <= 0.03
     with torch.inference_mode():

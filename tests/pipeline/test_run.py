@@ -33,6 +33,8 @@ def test_every_artefact(first_run):
     assert sorted(p.name for p in steps.iterdir()) == NAMES  # no temporary folder left
     for name in NAMES[:4]:
         assert (steps / name / "model" / "plan.json").is_file() and (steps / name / "log.txt").is_file()
+        plan = json.loads((steps / name / "model" / "plan.json").read_text())
+        assert plan["form"] == "module"  # every step's model is the user's own classes
     finetune = json.loads((steps / "01-finetune" / "step.json").read_text())["metrics"]
     distill = json.loads((steps / "03-distill" / "step.json").read_text())["metrics"]
     assert finetune["eval"]["accuracy"] > 0.6 and len(finetune["history"]) == 3

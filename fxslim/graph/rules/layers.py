@@ -140,6 +140,25 @@ def couple_linear(b: Builder, node: fx.Node, mod: nn.Module | None = None, path:
     b.out[node] = list(xs[:-1]) + [oc]
 
 
+def couple_addmm(b: Builder, node: fx.Node, mod=None, path=None) -> None:
+    """addmm(bias, x, W) = bias + x @ W: a Linear whose weight is stored (in, out), as in
+    GPT-2's Conv1D: x's last dim is W's rows (in), the new last dim W's columns (out)."""
+    if _arg(node, 3, "beta", 1) != 1 or _arg(node, 4, "alpha", 1) != 1:
+        couple_unknown(b, node, None, f"{where(node, b.gm)} scales its terms (beta/alpha)")
+        return
+    op = layer_operands(b, node, None, None, ("bias", "weight"))
+    if op is None:
+        return
+    w = op.params["weight"]
+    xs, shape = b.out[op.x], _shape(node)
+    op.member(b, xs[-1], "weight", 0, "in")
+    oc = b.new(shape[-1], f"{op.label}:out")
+    op.member(b, oc, "weight", 1, "out")
+    op.member(b, oc, "bias", 0, "out")
+    b.weights[node.name] = w.target
+    b.out[node] = list(xs[:-1]) + [oc]
+
+
 def sync_linear(mod: nn.Module) -> None:
     mod.out_features, mod.in_features = mod.weight.shape
 

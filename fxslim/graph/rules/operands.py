@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
@@ -36,6 +37,7 @@ FUNCTION_ARGS: dict[Any, tuple[str, ...]] = {
     **dict.fromkeys((F.conv1d, F.conv2d, F.conv3d), _CONV),
     **dict.fromkeys((F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d), _CONV_T),
     F.linear: ("input", "weight", "bias"),
+    torch.addmm: ("bias", "input", "weight", "beta", "alpha"),  # torch's names: input, mat1, mat2
     F.batch_norm: ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
     F.instance_norm: ("input", "running_mean", "running_var", "weight", "bias", "use_input_stats",
                       "momentum", "eps"),

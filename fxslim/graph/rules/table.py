@@ -12,6 +12,7 @@ from fxslim.graph.coupling import Builder
 from fxslim.graph.rules.base import Rule, register_rule
 from fxslim.graph.rules.common import elementwise, same_as_input
 from fxslim.graph.rules.layers import (
+    couple_addmm,
     couple_batchnorm,
     couple_conv,
     couple_conv_transpose,
@@ -141,6 +142,7 @@ for _f in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d):
 register_rule(nn.Linear, couple_linear, sync_linear,
               attrs=(("out_features", "weight", 0), ("in_features", "weight", 1)))  # last dim: in -> new out
 register_rule(F.linear, couple_linear)
+register_rule(torch.addmm, couple_addmm)  # bias + x @ W: a Linear with W stored (in, out)
 for _c in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm):
     register_rule(_c, couple_batchnorm, sync_batchnorm, attrs=_NORM_ATTRS)  # per-channel affine, stats
 register_rule(F.batch_norm, couple_batchnorm)

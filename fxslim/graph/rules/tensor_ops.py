@@ -401,6 +401,12 @@ def couple_sdpa(b: Builder, node: fx.Node, mod=None, path=None) -> None:
     """scaled_dot_product_attention: q·k over E (scale depends on E: a statistic), out takes v's E."""
     q, k, v = (_arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
     qs, ks, vs = b.out[q], b.out[k], b.out[v]
+    if node.kwargs.get("enable_gqa") and len(qs) >= 3 and _shape(q)[-3] != _shape(k)[-3]:
+        # grouped-query attention in the kernel: query head h reads key/value head h // (Hq / Hkv)
+        hq, hkv = _shape(q)[-3], _shape(k)[-3]
+        h = np.arange(hq)
+        b.link(qs[-3], h, ks[-3], h // (hq // hkv))
+        b.union(ks[-3], vs[-3])
     b.union(qs[-1], ks[-1])
     b.mark_stat(qs[-1])
     b.union(ks[-2], vs[-2])
