@@ -20,7 +20,10 @@ aliases are dropped.
 The captured graph is specialised to the example's shapes (sizes are literals): the
 GraphModule, and any pruned one made from it, runs only on inputs of those shapes, and
 says so with a `TraceError` at call time (`check_input_shapes`, the graph's first op).
-Its train/eval behaviour (dropout) is the one the model had when captured.
+It records the eval-mode forward whatever the model's mode (the mode is a literal in an
+ATen graph: dropout's ``train`` flag, batch_norm's ``training``); ``gm.train()`` does not
+turn dropout back on. Train the pruned model through its own class (the class-keeping
+rewrite) where that matters.
 """
 
 from __future__ import annotations
@@ -145,6 +148,18 @@ def is_transformers_model(model: nn.Module) -> bool:
 
 
 @contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode while capturing, every module's own flag restored after."""
+    training = [m for m in model.modules() if m.training]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m in training:
+            m.training = True
+
+
+@contextmanager
 def _no_kv_cache(model: nn.Module) -> Iterator[None]:
     """A transformers model returns its key/value cache (a DynamicCache, which export
     cannot return) unless ``config.use_cache`` is False: off while capturing, restored after."""
@@ -170,7 +185,7 @@ def capture_export(model: nn.Module, inputs: ExampleInputs) -> fx.GraphModule:
         TraceError: torch.export cannot run the model on these inputs.
     """
     try:
-        with _no_kv_cache(model):
+        with _no_kv_cache(model), _eval_mode(model):
             ep = torch.export.export(model, inputs.args, kwargs=inputs.kwargs, strict=False)
     except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else ""
@@ -197,6 +212,6 @@ def capture_export(model: nn.Module, inputs: ExampleInputs) -> fx.GraphModule:
     from fxslim.graph.trace import _graph_module  # a plain GraphModule: export's hooks stay behind
 
     gm = _graph_module(exported, graph, type(model).__name__)
-    gm.meta["fxslim_capture"] = {"kind": "export", "aten_kept": kept, "input_shapes": dict(
+    gm.meta["fxslim_capture"] = {"kind": "export", "mode": "eval", "aten_kept": kept, "input_shapes": dict(
         zip((n.target for n in placeholders), specs))}
     return gm

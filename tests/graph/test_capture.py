@@ -162,3 +162,14 @@ def test_sdpa_with_enable_gqa_prunes_key_value_heads_with_their_query_heads():
     assert heads.prunable and heads.size == 2  # query heads 2h, 2h+1 read key/value head h
     assert cg.group_of("q.weight", 0) is heads and cg.group_of("o.weight", 1) is heads
     assert pruned.get_parameter("q.weight").shape[0] == 8 and pruned.get_parameter("k.weight").shape[0] == 4
+
+
+def test_export_records_the_eval_forward_and_leaves_the_model_mode():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 2)).train()
+    x = torch.randn(3, 4)
+    gm = fxslim.trace(model, x, capture="export")
+    assert model.training and all(m.training for m in model.modules())
+    drop = next(n for n in gm.graph.nodes if n.target is F.dropout)
+    assert drop.args[2] is False  # a literal in the graph: the eval forward
+    with torch.inference_mode():
+        torch.testing.assert_close(gm(x), model.eval()(x))
