@@ -133,7 +133,8 @@ def trace(
     ops are translated into the forms the rule table knows (`fxslim.graph.capture`). The
     export capture is specialised to the example's shapes: its GraphModule (and any
     pruned one made from it) runs on inputs of those shapes only and raises a
-    `TraceError` for others; its dropout behaves as in the mode the model had.
+    `TraceError` for others; it records the eval-mode forward (dropout off) whatever the
+    model's mode.
 
     The user's model is not modified: the returned GraphModule owns copies of its
     modules and (unless `share_weights`) of its parameters.

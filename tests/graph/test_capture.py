@@ -140,3 +140,36 @@ def test_keyword_inputs_reach_an_fx_trace_by_name():
     assert operator.mul in {n.target for n in gm.graph.nodes}
     small = fxslim.prune(Two().eval(), {"gate": gate, "x": x}, 0.5, capture="fx")
     assert small.fc.out_features == 6  # the output is pinned; the keyword inputs were bound right
+
+
+def test_sdpa_with_enable_gqa_prunes_key_value_heads_with_their_query_heads():
+    class GQA(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v, self.o = nn.Linear(16, 16), nn.Linear(16, 8), nn.Linear(16, 8), nn.Linear(16, 16)
+
+        def forward(self, x):
+            b, t, _ = x.shape
+            q = self.q(x).view(b, t, 4, 4).transpose(1, 2)  # 4 query heads
+            k = self.k(x).view(b, t, 2, 4).transpose(1, 2)  # 2 key/value heads
+            v = self.v(x).view(b, t, 2, 4).transpose(1, 2)
+            a = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+            return self.o(a.transpose(1, 2).reshape(b, t, 16))
+
+    x = torch.randn(2, 5, 16)
+    _, cg, pruned = check_oracles(GQA().eval(), x)
+    heads = cg.group_of("k.weight", 0)
+    assert heads.prunable and heads.size == 2  # query heads 2h, 2h+1 read key/value head h
+    assert cg.group_of("q.weight", 0) is heads and cg.group_of("o.weight", 1) is heads
+    assert pruned.get_parameter("q.weight").shape[0] == 8 and pruned.get_parameter("k.weight").shape[0] == 4
+
+
+def test_export_records_the_eval_forward_and_leaves_the_model_mode():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 2)).train()
+    x = torch.randn(3, 4)
+    gm = fxslim.trace(model, x, capture="export")
+    assert model.training and all(m.training for m in model.modules())
+    drop = next(n for n in gm.graph.nodes if n.target is F.dropout)
+    assert drop.args[2] is False  # a literal in the graph: the eval forward
+    with torch.inference_mode():
+        torch.testing.assert_close(gm(x), model.eval()(x))
