@@ -98,11 +98,15 @@ def test_auto_falls_back_to_export_and_records_the_capture():
     gm = fxslim.trace(model, x)
     assert gm.meta["fxslim_capture"]["kind"] == "export"
     assert fxslim.trace(Net(), X).meta["fxslim_capture"]["kind"] == "fx"
-    small = fxslim.prune(model, x, 0.5)
+    small = fxslim.prune(model, x, 0.5)  # the user's class: its own code runs any shape
+    graph = fxslim.prune(model, x, 0.5, keep_classes=False)  # the export graph: only x's
+    assert type(small) is Looped
     with torch.inference_mode():
-        assert small(x).shape == (2, 5, 3)
+        assert small(x).shape == graph(x).shape == (2, 5, 3)
+        torch.testing.assert_close(small(x), graph(x))
+        assert small(x[:1]).shape == (1, 5, 3)
         with pytest.raises(fxslim.TraceError, match="captured by torch.export"):
-            small(x[:1])
+            graph(x[:1])
 
 
 def test_capture_option_is_checked():
