@@ -46,21 +46,22 @@ def _model(args: argparse.Namespace, say: Progress) -> Any:
 
 
 def _inputs(args: argparse.Namespace) -> Any:
-    import torch
+    from fxslim.pipeline.specs import example_inputs
 
-    return torch.randn(*_shape(args), generator=torch.Generator().manual_seed(0))
+    return example_inputs(_shape(args), getattr(args, "arch", None) or args.model)[0]
 
 
 def _shape(args: argparse.Namespace, data: str | None = None) -> tuple[int, ...] | None:
     """--shape, else the built-in model's (or data's), else None with data (the shape of its
     first batch), else 1,3,224,224."""
-    from fxslim.pipeline.specs import BUILTIN
+    from fxslim.pipeline.specs import BUILTIN, default_shape
 
     model = args.model[0] if isinstance(args.model, list) else args.model
     for name in (model, getattr(args, "arch", None), data):
         if name in BUILTIN and not args.shape:
             return BUILTIN[name][2]
-    return args.shape or (None if data else (1, 3, 224, 224))
+    hf = default_shape(getattr(args, "arch", None) or model)
+    return args.shape or (None if data else hf or (1, 3, 224, 224))
 
 
 def cmd_demo(args: argparse.Namespace) -> Result:

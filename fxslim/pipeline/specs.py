@@ -7,18 +7,19 @@ Models:
   from torch's local cache: nothing is downloaded that torchvision would not download);
 * ``timm:NAME`` (random init);
 * ``package.module:function``: a function taking no arguments and returning an nn.Module;
+* ``hf:DIR`` or a directory holding a Hugging Face ``config.json`` (``save_pretrained``
+  output): the class its config names (``architectures``), loaded from the directory only;
 * a saved fxslim directory (``plan.json`` + ``weights.safetensors``): a save holds the
   pruning plan, not the architecture, so it needs the *original* architecture's spec as
   well (``arch:`` in a config, ``--arch`` on the command line).
-
-Hugging Face model directories are not resolved yet: they need the second capture
-(docs/design.md, "Where the design grows").
 
 Data: ``digits`` / ``mnist1d`` (built-in, offline) or ``package.module:function`` taking
 no arguments (or ``seed=``) and returning ``(train_loader, val_loader)`` or a dict with
 ``train`` and ``val``. Example inputs: a shape (``[1, 3, 224, 224]`` or ``"1,3,224,224"``),
 ``package.module:function`` returning a tensor or a tuple of tensors, or by default the
-built-in data's shape.
+built-in data's shape. A Hugging Face text model's example inputs are token ids of that
+shape (``[1, 16]`` by default), an image model's ``[1, channels, size, size]`` from its
+config.
 
 Every failure is a `SpecError` naming the spec and what was tried. Nothing here imports
 torch at module import time, so the command line can check specs' forms cheaply.
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,7 @@ BUILTIN = {
     "mnist1d": ("MNIST1DCNN", "mnist1d_loaders", (1, 1, 40)),
 }
 MODEL_FORMS = ("a built-in name (digits, mnist1d)", "torchvision:NAME[@WEIGHTS]", "timm:NAME",
+               "hf:DIR (a Hugging Face model directory)",
                "a saved fxslim directory (with the original architecture's spec)",
                "package.module:function")
 _CALLABLE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
@@ -83,9 +86,8 @@ def check_model_spec(spec: str) -> str:
         if not spec.split(":", 1)[1]:
             raise SpecError(f"model spec '{spec}' names no model (e.g. torchvision:resnet18)")
         return spec.split(":", 1)[0]
-    if spec.startswith(("hf:", "huggingface:")) or (Path(spec) / "config.json").is_file():
-        raise SpecError(f"model spec '{spec}': Hugging Face models are not supported yet "
-                        "(they need the second capture); use package.module:function if it traces")
+    if _hf_dir(spec) is not None:
+        return "hf"
     if _is_saved_dir(spec):
         return "saved"
     if _CALLABLE.match(spec):
@@ -146,6 +148,75 @@ def _timm(spec: str) -> Any:
     return timm.create_model(name, pretrained=False)
 
 
+def _hf_dir(spec: str) -> Path | None:
+    """The directory of a Hugging Face model spec, else None."""
+    if spec.startswith(("hf:", "huggingface:")):
+        path = Path(spec.split(":", 1)[1])
+        if not (path / "config.json").is_file():
+            raise SpecError(f"model spec '{spec}': no config.json in '{path}' (a Hugging Face "
+                            "model directory, as save_pretrained writes it)")
+        return path
+    path = Path(spec)
+    return path if (path / "config.json").is_file() and not _is_saved_dir(spec) else None
+
+
+def _hf_config(spec: str | None) -> dict | None:
+    path = _hf_dir(spec) if isinstance(spec, str) and spec else None
+    if path is None:
+        return None
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise SpecError(f"model spec '{spec}': cannot read its config.json ({exc})") from exc
+
+
+def default_shape(spec: str | None) -> tuple[int, ...] | None:
+    """Example input shape of a Hugging Face model spec (token ids or an image), else None."""
+    cfg = _hf_config(spec)
+    if cfg is None:
+        return None
+    if "image_size" in cfg:
+        size = cfg["image_size"]
+        size = size if isinstance(size, int) else size[0]
+        return (1, cfg.get("num_channels", 3), size, size)
+    return (1, 16)
+
+
+def _token_vocab(spec: str | None) -> int | None:
+    cfg = _hf_config(spec)
+    return cfg.get("vocab_size") if cfg and "image_size" not in cfg else None
+
+
+def example_inputs(shape: Any, model: str | None = None) -> tuple:
+    """Seeded example inputs of `shape` for `model`: token ids for a Hugging Face text model,
+    else standard normal values."""
+    import torch
+
+    shape = parse_shape(shape, "inputs shape")
+    g = torch.Generator().manual_seed(0)
+    vocab = _token_vocab(model)
+    if vocab:
+        return (torch.randint(0, vocab, shape, generator=g),)
+    return (torch.randn(*shape, generator=g),)
+
+
+def _hf(spec: str) -> Any:
+    try:
+        import transformers
+    except ImportError as exc:
+        raise SpecError(f"model spec '{spec}' needs the transformers package (pip install transformers)") from exc
+    path = _hf_dir(spec)
+    archs = (_hf_config(spec) or {}).get("architectures") or []
+    cls = getattr(transformers, archs[0], None) if archs else transformers.AutoModel
+    if cls is None:
+        raise SpecError(f"model spec '{spec}': transformers {transformers.__version__} has no class "
+                        f"'{archs[0]}' (its config.json's architectures)")
+    try:
+        return cls.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise SpecError(f"model spec '{spec}': {cls.__name__}.from_pretrained failed: {exc}") from exc
+
+
 def resolve_model(spec: str, arch: str | None = None) -> Any:
     """An nn.Module (in eval mode) for a model spec; a saved directory needs `arch`."""
     from torch import nn
@@ -159,6 +230,8 @@ def resolve_model(spec: str, arch: str | None = None) -> Any:
         model = _torchvision(spec)
     elif form == "timm":
         model = _timm(spec)
+    elif form == "hf":
+        model = _hf(spec)
     elif form == "saved":
         if not arch:
             raise SpecError(f"model spec '{spec}' is a saved fxslim directory: it holds the pruning plan, "
@@ -227,15 +300,17 @@ def resolve_inputs(spec: Any, data: str | None = None, model: str | None = None)
                 spec = list(BUILTIN[name][2])
                 break
         else:
-            if data is None:
+            if default_shape(model):
+                spec = list(default_shape(model))
+            elif data is None:
                 raise SpecError("no example inputs: give `inputs:` (a shape such as [1, 3, 224, 224], or "
                                 "package.module:function) — they cannot be guessed for this model and data")
-            spec = _data_shape(data)
+            else:
+                spec = _data_shape(data)
     if isinstance(spec, str) and _CALLABLE.match(spec):
         out = _call(spec, "inputs")
         out = out if isinstance(out, tuple) else tuple(out) if isinstance(out, list) else (out,)
         if not out or not all(isinstance(t, torch.Tensor) for t in out):
             raise SpecError(f"inputs spec '{spec}' must return a tensor or a tuple of tensors")
         return out
-    g = torch.Generator().manual_seed(0)
-    return (torch.randn(*parse_shape(spec, "inputs shape"), generator=g),)
+    return example_inputs(spec, model)

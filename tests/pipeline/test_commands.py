@@ -217,3 +217,29 @@ def test_groups_and_prune_json_match_the_api(tmp_path, capsys):
     assert cli.main(["prune", ARCH, "--shape", "1,1,8,8", "--ratio", "0.3", "--save", str(out), "--quiet"]) == 2
     assert "already exists; pass --force" in capsys.readouterr().err
     assert (out / "weights.safetensors").read_bytes() == weights
+
+
+def test_hugging_face_directory_groups_and_prune(tmp_path, capsys):
+    """`hf:DIR` (save_pretrained output): token-id inputs of the default shape, heads / MLP /
+    hidden groups, and a pruned save that loads back as the same class with fewer params."""
+    T = pytest.importorskip("transformers")
+    import fxslim
+    from fxslim.pipeline.specs import resolve_inputs
+
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    T.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tiny")
+    spec = f"hf:{tmp_path / 'tiny'}"
+    model = resolve_model(spec)
+    (ids,) = resolve_inputs(None, None, spec)
+    assert type(model) is T.LlamaForCausalLM and ids.shape == (1, 16) and ids.dtype == torch.int64
+    groups = _json(["groups", spec])["groups"]
+    assert [(g["size"], g["prunable"]) for g in groups] == [
+        (g.size, g.prunable) for g in fxslim.channel_groups(model, ids)]
+    assert sum(g["prunable"] for g in groups) >= 3  # heads, MLP, hidden size
+    result = _json(["prune", str(tmp_path / "tiny"), "--ratio", "0.5", "--save", str(tmp_path / "small")])
+    small = fxslim.load(tmp_path / "small", resolve_model(spec))
+    assert type(small) is T.LlamaForCausalLM and small.config.num_key_value_heads == 1
+    assert result["models"]["pruned"]["params"] == sum(p.numel() for p in small.parameters())
+    assert result["models"]["pruned"]["params"] < result["models"]["original"]["params"]

@@ -55,7 +55,7 @@ def test_data_and_inputs_specs():
     ("tests.pipeline.models:nothing_here", ["tests.pipeline.models:nothing_here", "has no 'nothing_here'"]),
     ("no_such_package.mod:fn", ["cannot import module 'no_such_package.mod'"]),
     ("tests.pipeline.models:not_a_model", ["gave a int, not a torch.nn.Module"]),
-    ("hf:bert-base-uncased", ["Hugging Face models are not supported yet"]),
+    ("hf:bert-base-uncased", ["hf:bert-base-uncased", "no config.json in 'bert-base-uncased'"]),
 ])
 def test_unresolvable_model_specs_name_the_spec_and_what_was_tried(spec, words):
     with pytest.raises(SpecError) as info:
