@@ -56,7 +56,7 @@ CASES = [(n, "sdpa") for n in NAMES] + [("bert", "eager"), ("gpt2", "eager"), ("
 
 
 @pytest.mark.parametrize(("name", "attn"), CASES)
-def test_groups_oracles_and_prune(name, attn):
+def test_groups_oracles_and_prune(name, attn, tmp_path):
     model, x = build(name, attn)
     captured = fxslim.trace(model, x, share_weights=True)  # one capture, reused below
     assert captured.meta["fxslim_capture"]["kind"] == "export"
@@ -88,6 +88,30 @@ def test_groups_oracles_and_prune(name, attn):
     assert got.logits.shape == want.logits.shape and torch.isfinite(got.logits).all()
     kept = sum(p.numel() for p in small.parameters()) / sum(p.numel() for p in model.parameters())
     assert kept < 0.75, kept
+    if attn == "sdpa":
+        _keeps_class_and_round_trips(model, small, x, tmp_path)
+
+
+def _keeps_class_and_round_trips(model, small, x, tmp_path):
+    """The user's class back, rebuilt from an updated config: equal to the proven graph,
+    generate() for the causal LMs, save_pretrained -> from_pretrained with the same logits."""
+    from fxslim.passes.keep_classes import keep_classes
+
+    ours = small if isinstance(small, type(model)) else keep_classes(model, small, x)
+    assert type(ours) is type(model), fxslim.utils.fxslim_meta(ours).get("fxslim_form_reason")
+    with torch.inference_mode():
+        logits = ours(**x).logits
+        torch.testing.assert_close(logits, small(**x).logits, rtol=RTOL, atol=ATOL)
+        if hasattr(ours, "generate") and ours.can_generate():
+            ids = x["input_ids"][:1]
+            out = ours.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False,
+                                pad_token_id=0)
+            assert out.shape == (1, ids.shape[1] + 2)
+            assert out[0, ids.shape[1]] == ours(input_ids=ids).logits[0, -1].argmax()  # its own greedy choice
+    ours.save_pretrained(tmp_path / "hf")
+    again = type(model).from_pretrained(tmp_path / "hf").eval()
+    with torch.inference_mode():
+        assert torch.equal(again(**x).logits, logits)
 
 
 def test_capture_matches_model_checks_shapes_and_saves(tmp_path):
