@@ -1,5 +1,6 @@
-"""Export to ONNX, verified by onnxruntime, for one model of every torchvision family,
-before and after prune(ratio=0.5). The whole zoo: `python bench/export_zoo.py`."""
+"""Export to ONNX, verified by onnxruntime, for one model of every torchvision family after
+prune(ratio=0.5). The originals export through torch's own exporter alone, so CI leaves
+them to the whole-zoo bench, which does both: `python -m bench.export_zoo`."""
 
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ def test_export_family(name, tmp_path):
     model, x = build(name)
     x = x[:1]
     small = fxslim.prune(model, x, 0.5, ignore=[head_of(model)])
-    for label, m in (("original", model), ("pruned", small)):
-        rep = fxslim.export_onnx(m, x, tmp_path / f"{label}.onnx")
-        assert rep.max_diff <= 1e-4, (label, rep)
-        assert rep.batch_sizes == (1, 3)
+    rep = fxslim.export_onnx(small, x, tmp_path / "pruned.onnx")
+    assert rep.max_diff <= 1e-4, rep
+    assert rep.batch_sizes == (1, 3)
