@@ -122,8 +122,9 @@ def perplexity(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> 
             kwargs = {k: b[k] for k in ("input_ids", "attention_mask") if k in b}
             logits = _logits(model(**kwargs)).float()
             labels = b.get("labels", b["input_ids"])[:, 1:]
-            total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                           ignore_index=-100, reduction="sum"))
+            losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                     ignore_index=-100, reduction="none")
+            total += float(losses.double().sum())  # summed in float64: many tokens
             count += int((labels != -100).sum())
     finally:
         model.train(was)
