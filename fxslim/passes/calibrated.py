@@ -25,6 +25,12 @@ dim is its input or its output dim), with ``||X_j|| = sqrt(sum x_j^2)``:
   the column's contribution moves from its mean, i.e. what a constant (its mean, FLAP's
   bias compensation) cannot replace when the column goes.
 
+* first-order Taylor (`LMTaylorImportance`, LLM-Pruner's vector-wise form): a unit's
+  members scored ``|sum over its weights of w * dL/dw|``, L the model's own loss on the
+  batches (``model(**batch).loss``: the batches carry labels), gradients summed over
+  them; every member counts (weights, norms, embeddings). Unlike the hook statistics
+  this holds one gradient-sized buffer per parameter.
+
 Members that are not linear weights (biases, norms, embeddings) are not scored; per
 member scores are reduced to units, normalised and summed like every criterion
 (`fxslim.passes.importance.Importance`). `fxslim.prune` records on the model it is given
@@ -48,7 +54,7 @@ from fxslim.errors import ArgumentError
 from fxslim.graph.coupling import Member
 from fxslim.passes.importance import Importance
 
-__all__ = ["CalibratedImportance", "FLAPImportance", "WandaImportance", "record_inputs"]
+__all__ = ["CalibratedImportance", "FLAPImportance", "LMTaylorImportance", "WandaImportance", "record_inputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +129,15 @@ def record_inputs(model: nn.Module, data: Iterable, batches: int | None = None) 
     return {k: (int(v[0]), v[1], v[2]) for k, v in stats.items()}
 
 
+def _calibration_data(owner: Any, data: Any, batches: int | None) -> Iterable:
+    if data is None or isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
+        raise ArgumentError(f"{type(owner).__name__} needs calibration data: an iterable of batches, e.g. "
+                            f"fxslim.runtime.text.lm_batches('train', 8); got {_shown(data)}")
+    if batches is not None:
+        positive_int("batches", batches)
+    return [data] if isinstance(data, (Mapping, torch.Tensor)) else data  # one batch
+
+
 class CalibratedImportance(Importance):
     """Base of the criteria that read recorded layer inputs (see the module docstring).
 
@@ -135,13 +150,7 @@ class CalibratedImportance(Importance):
 
     def __init__(self, data: Iterable, batches: int | None = None, roles: tuple[str, ...] = ("in",), **kw: Any):
         super().__init__(**kw)
-        if data is None or isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
-            raise ArgumentError(f"{type(self).__name__} needs calibration data: an iterable of batches, e.g. "
-                                f"fxslim.runtime.text.lm_batches('train', 8); got {_shown(data)}")
-        if isinstance(data, (Mapping, torch.Tensor)):
-            data = [data]  # one batch
-        if batches is not None:
-            positive_int("batches", batches)
+        data = _calibration_data(self, data, batches)
         bad = set(roles) - {"in", "out"}
         if bad or not roles:
             raise ArgumentError(f"roles must be a non-empty tuple of 'in' / 'out', got {roles!r}")
@@ -212,3 +221,71 @@ class FLAPImportance(CalibratedImportance):
             return None
         var = (s2 / n - (s1 / n) ** 2).clamp_min(0)
         return var * (w * w).sum(0)
+
+
+def _hf_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    if not isinstance(batch, Mapping) or "labels" not in batch:
+        raise ArgumentError("LMTaylorImportance's default loss is the model's own (model(**batch).loss): batches "
+                            f"must be dicts with 'labels', got {_shown(batch)}; or pass loss_fn(model, batch)")
+    out = model(**batch)
+    loss = out["loss"] if isinstance(out, Mapping) else getattr(out, "loss", None)
+    if loss is None:
+        raise ArgumentError(f"{type(model).__name__}(**batch) returned no loss; pass loss_fn(model, batch)")
+    return loss
+
+
+class LMTaylorImportance(Importance):
+    """First-order Taylor ``|sum_unit w * dL/dw|`` with L the model's own loss on
+    calibration batches (see the module docstring).
+
+    Args:
+        data: batches; by default dicts with ``labels`` (``fxslim.runtime.text.lm_batches``).
+        batches: how many to use (all by default).
+        loss_fn: ``loss_fn(model, batch) -> scalar``; default ``model(**batch).loss``.
+    """
+
+    def __init__(self, data: Iterable, batches: int | None = None, loss_fn: Any = None, **kw: Any):
+        super().__init__(**kw)
+        self.data, self.batches = _calibration_data(self, data, batches), batches
+        if loss_fn is not None and not callable(loss_fn):
+            raise ArgumentError(f"loss_fn must be callable (model, batch) -> loss, got {_shown(loss_fn)}")
+        self.loss_fn = loss_fn or _hf_loss
+        self.wg: dict[str, torch.Tensor] | None = None
+
+    def calibrate(self, model: nn.Module) -> None:
+        """Sum ``w * dL/dw`` over the batches (parameters' ``.grad`` left untouched)."""
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        acc = [torch.zeros_like(p) for _, p in named]
+        modes = [(m, m.training) for m in model.modules()]
+        seen = 0
+        try:
+            model.eval()  # dropout off: the loss of the model as it will run
+            for batch in self.data:
+                if self.batches is not None and seen >= self.batches:
+                    break
+                with torch.enable_grad():
+                    grads = torch.autograd.grad(self.loss_fn(model, batch), [p for _, p in named], allow_unused=True)
+                for a, (_, p), g in zip(acc, named, grads):
+                    if g is not None:
+                        a += p.detach() * g
+                seen += 1
+        finally:
+            for m, mode in modes:
+                m.training = mode
+        if seen == 0:
+            raise ArgumentError("the calibration data is empty: give at least one batch")
+        by_id = {id(p): a for (_, p), a in zip(named, acc)}
+        self.wg = {n: by_id[id(p)] for n, p in model.named_parameters(remove_duplicate=False) if id(p) in by_id}
+        self._cache.clear()
+
+    def __call__(self, gm: nn.Module, group: Any) -> np.ndarray:
+        if self.wg is None:
+            self.calibrate(gm)
+        return super().__call__(gm, group)
+
+    def per_index(self, gm: nn.Module, m: Member) -> np.ndarray | None:
+        wg = self.wg.get(m.target)
+        if wg is None:
+            return None
+        dims = [d for d in range(wg.dim()) if d != m.dim]
+        return (wg.sum(dim=dims) if dims else wg).abs().double().cpu().numpy()

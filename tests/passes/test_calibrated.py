@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import fxslim
-from fxslim.passes.calibrated import FLAPImportance, WandaImportance
+from fxslim.passes.calibrated import FLAPImportance, LMTaylorImportance, WandaImportance
 from fxslim.passes.importance import MagnitudeImportance
 from fxslim.passes.policy import Policy, allocate, score_groups
 from fxslim.passes.prune import make_plan
@@ -120,6 +120,20 @@ def test_planted_outliers_ranked_and_kept():
     for grp in (mlp, heads):
         m = MagnitudeImportance(p=1)(gm, grp)
         assert np.ptp(m) < 1e-5 * np.abs(m).mean(), m
+
+    # first-order Taylor on the model's own loss: |sum_unit w * dL/dw| per member, summed
+    wg = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for b in calib:
+        loss = model(**b).loss
+        for (n, p), g in zip(model.named_parameters(), torch.autograd.grad(loss, list(model.parameters()))):
+            wg[n] += p.detach() * g
+    mlp_w = "model.layers.0.mlp.{}.weight"
+    want = sum(wg[mlp_w.format(k)].sum(1).abs() for k in ("gate_proj", "up_proj")) + wg[mlp_w.format("down_proj")].sum(0).abs()
+    taylor = LMTaylorImportance(calib, normalize=None)
+    taylor.calibrate(model)
+    np.testing.assert_allclose(taylor(gm, mlp), want.double().numpy(), rtol=1e-5)
+    with pytest.raises(fxslim.ArgumentError, match="labels"):
+        LMTaylorImportance([{"input_ids": b["input_ids"]} for b in calib]).calibrate(model)
 
     # the plan fxslim.prune makes (its own steps, on the capture above), then the prune itself
     plan = make_plan(cg, allocate(cg, score_groups(gm, cg, wanda, ()), Policy(ratio=0.5)))
