@@ -1,9 +1,10 @@
-"""The built-in tiny LLM pruned to 0.5x parameters: magnitude vs Wanda vs FLAP importance.
+"""The built-in tiny LLM pruned to 0.5x parameters: magnitude vs calibrated importance.
 
 Not run in CI. Trains `fxslim.runtime.text.tiny_llama` once on the stdlib-source text
-(1 thread), then for each criterion and calibration seed prunes it with
-``fxslim.prune(model, x, target_params=0.5, importance=...)`` (uniform ratio per layer
-type, so the result is a `LlamaForCausalLM` again), and reports test perplexity of the
+(1 thread), then for each criterion (magnitude, Wanda, FLAP, first-order Taylor) and
+calibration seed prunes it with ``fxslim.prune(model, x, target_params=0.5,
+importance=...)`` (uniform ratio per layer type, so the result is a `LlamaForCausalLM`
+again), and reports test perplexity of the
 original, the pruned model, and the pruned model after a short logit distillation from
 the original (`fxslim.distill` through `TokenRows`, see below).
 
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 import fxslim
-from fxslim.passes.calibrated import FLAPImportance, WandaImportance
+from fxslim.passes.calibrated import FLAPImportance, LMTaylorImportance, WandaImportance
 from fxslim.runtime.text import lm_batches, perplexity, tiny_llama, train_lm
 
 
@@ -56,6 +57,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3, help="calibration seeds per activation-aware criterion")
     ap.add_argument("--calib-batches", type=int, default=8)
     ap.add_argument("--distill-batches", type=int, default=150, help="0: no distillation")
+    ap.add_argument("--criteria", nargs="+", default=["magnitude", "wanda", "flap", "taylor"],
+                    choices=["magnitude", "wanda", "flap", "taylor"])
     ap.add_argument("--cache", default="/tmp/fxslim_tiny_llama.pt", help="trained weights (reused when present)")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -76,7 +79,10 @@ def main() -> None:
 
     criteria = {"magnitude (L1)": lambda calib: None,
                 "Wanda (consumer columns)": lambda calib: WandaImportance(calib),
-                "FLAP fluctuation": lambda calib: FLAPImportance(calib)}
+                "FLAP fluctuation": lambda calib: FLAPImportance(calib),
+                "Taylor (first order, model loss)": lambda calib: LMTaylorImportance(calib)}
+    short = dict(zip(("magnitude", "wanda", "flap", "taylor"), criteria))
+    criteria = {short[k]: criteria[short[k]] for k in args.criteria}
     train_rows = rows(lm_batches("train", n_batches=max(args.distill_batches, 1), batch_size=16, seed=7))
     val_rows = rows(lm_batches("val", n_batches=4, batch_size=16, seed=0))
     table = []

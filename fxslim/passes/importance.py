@@ -445,7 +445,7 @@ def get_importance(spec: str | Callable | None) -> Callable:
         "lamp": LAMPImportance,
         "random": RandomImportance,
     }
-    if spec in ("wanda", "flap"):
+    if spec in ("wanda", "flap"):  # the names users try first; the criteria need batches
         raise ArgumentError(
             f"importance {spec!r} is computed from calibration data: pass an instance, e.g. "
             f"importance=fxslim.passes.calibrated.{'WandaImportance' if spec == 'wanda' else 'FLAPImportance'}"
@@ -454,6 +454,6 @@ def get_importance(spec: str | Callable | None) -> Callable:
         raise ArgumentError(
             f"importance must be one of {['l1', *table]} or a callable (module, group) -> scores, got {spec!r}"
             f"{closest(spec, ['l1', *table]) if isinstance(spec, str) else ''}; data-driven criteria "
-            "(TaylorImportance, ActivationImportance, SensitivityImportance, calibrated.WandaImportance, "
-            "calibrated.FLAPImportance) take data: pass an instance")
+            "(TaylorImportance, ActivationImportance, SensitivityImportance; for LLMs calibrated.WandaImportance, "
+            "FLAPImportance, LMTaylorImportance) take data: pass an instance")
     return table[spec]()
