@@ -168,3 +168,23 @@ def test_calibration_data_is_required():
     with pytest.raises(fxslim.ArgumentError, match="no linear layer"):
         fxslim.prune(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3)), torch.randn(1, 3, 8, 8),
                      importance=WandaImportance([torch.randn(1, 3, 8, 8)]))
+
+
+def test_wanda_reads_transformers_conv1d():
+    """GPT-2's Conv1D holds its weight as (in, out): the MLP channel j is row j of c_proj."""
+    pytest.importorskip("transformers")
+    from tests.hf.models import build
+
+    model, x = build("gpt2")
+    gm = fxslim.trace(model, x, share_weights=True)
+    grp = fxslim.analyze(gm).group_of("transformer.h.0.mlp.c_proj.weight", 0)
+    seen = {}
+    c_proj = model.transformer.h[0].mlp.c_proj
+    handle = c_proj.register_forward_pre_hook(lambda mod, a: seen.update(x=a[0].reshape(-1, a[0].shape[-1]).double()))
+    with torch.inference_mode():
+        model(**x)
+    handle.remove()
+    want = seen["x"].norm(dim=0) * c_proj.weight.detach().double().abs().sum(1)
+    wanda = WandaImportance([x], normalize=None)
+    wanda.calibrate(model)
+    np.testing.assert_allclose(wanda(gm, grp), want.numpy(), rtol=1e-6)
