@@ -6,7 +6,7 @@ calibration seed prunes it with ``fxslim.prune(model, x, target_params=0.5,
 importance=...)`` (uniform ratio per layer type, so the result is a `LlamaForCausalLM`
 again), and reports test perplexity of the
 original, the pruned model, and the pruned model after a short logit distillation from
-the original (`fxslim.distill` through `TokenRows`, see below).
+the original (`fxslim.distill` through `fxslim.runtime.text.TokenRows`).
 
     PYTHONPATH=. python bench/llm_table.py --steps 1200 --seeds 3 --distill-batches 150
 """
@@ -19,30 +19,10 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 import fxslim
 from fxslim.passes.calibrated import FLAPImportance, LMTaylorImportance, WandaImportance
-from fxslim.runtime.text import lm_batches, perplexity, tiny_llama, train_lm
-
-
-class TokenRows(nn.Module):
-    """A causal LM as a classifier of positions: ``input_ids -> logits[:, :-1]`` flattened
-    to (batch * (seq - 1), vocab), so `fxslim.distill` (which takes (inputs, labels) batches
-    and a tensor output, softmax over dim 1) does token-level KL with next-token labels.
-    Shares the wrapped model's parameters: training it trains the model."""
-
-    def __init__(self, lm: nn.Module):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        logits = self.lm(input_ids=input_ids).logits
-        return logits[:, :-1].reshape(-1, logits.shape[-1])
-
-
-def rows(batches):
-    return [(b["input_ids"], b["input_ids"][:, 1:].reshape(-1)) for b in batches]
+from fxslim.runtime.text import TokenRows, lm_batches, perplexity, tiny_llama, token_rows, train_lm
 
 
 def spread(values: list[float]) -> str:
@@ -83,8 +63,8 @@ def main() -> None:
                 "Taylor (first order, model loss)": lambda calib: LMTaylorImportance(calib)}
     short = dict(zip(("magnitude", "wanda", "flap", "taylor"), criteria))
     criteria = {short[k]: criteria[short[k]] for k in args.criteria}
-    train_rows = rows(lm_batches("train", n_batches=max(args.distill_batches, 1), batch_size=16, seed=7))
-    val_rows = rows(lm_batches("val", n_batches=4, batch_size=16, seed=0))
+    train_rows = token_rows(lm_batches("train", n_batches=max(args.distill_batches, 1), batch_size=16, seed=7))
+    val_rows = token_rows(lm_batches("val", n_batches=4, batch_size=16, seed=0))
     table = []
     for name, make in criteria.items():
         pruned_ppl, distilled_ppl, seconds, kept = [], [], [], []

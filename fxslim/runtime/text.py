@@ -11,6 +11,11 @@ Tokens are bytes (vocabulary 256, no tokenizer). A batch is a dict ``{"input_ids
 shifts them, as Hugging Face causal LMs do, so ``model(**batch).loss`` is the mean
 next-byte cross-entropy.
 
+`fxslim.distill` takes (inputs, labels) batches and a tensor of logits with classes on
+dim 1: `TokenRows` wraps a causal LM as a classifier of positions (``logits[:, :-1]`` as
+(batch * (seq - 1), vocab) rows) and `token_rows` turns batches into ``(input_ids, next
+tokens)``, so its logit KD is token-level KL and its labels are the next bytes.
+
 Perplexity over batches is ``exp(sum of token losses / number of predicted tokens)``:
 position t of ``logits`` predicts ``labels[t + 1]``; labels of -100 are not counted.
 """
@@ -33,7 +38,7 @@ from torch import nn
 from fxslim._args import choice, positive_int
 from fxslim.errors import ArgumentError
 
-__all__ = ["SPLITS", "lm_batches", "perplexity", "stdlib_bytes", "tiny_llama", "train_lm"]
+__all__ = ["SPLITS", "TokenRows", "lm_batches", "perplexity", "stdlib_bytes", "tiny_llama", "token_rows", "train_lm"]
 
 SPLITS = ("train", "val", "test")
 
@@ -90,6 +95,28 @@ def tiny_llama(hidden: int = 64, layers: int = 2, heads: int = 8, kv_heads: int 
                         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
                         max_position_embeddings=seq_len, **{"attn_implementation": "sdpa", **config})
     return T.LlamaForCausalLM(cfg).eval()
+
+
+class TokenRows(nn.Module):
+    """A causal LM as a classifier of positions: ``input_ids -> logits[:, :-1]`` flattened
+    to (batch * (seq - 1), vocab). Shares the LM's parameters: training it trains the LM.
+
+    Example:
+        >>> fxslim.distill(TokenRows(small), TokenRows(model), token_rows(lm_batches("train", 150)), epochs=1)
+    """
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        logits = _logits(self.lm(input_ids=input_ids))
+        return logits[:, :-1].reshape(-1, logits.shape[-1])
+
+
+def token_rows(batches: Iterable[dict[str, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(input_ids, next tokens flattened)`` pairs for a `TokenRows` model."""
+    return [(b["input_ids"], b["input_ids"][:, 1:].reshape(-1)) for b in batches]
 
 
 def _logits(out: Any) -> torch.Tensor:

@@ -12,7 +12,16 @@ import torch
 from torch import nn
 
 import fxslim
-from fxslim.runtime.text import SPLITS, lm_batches, perplexity, stdlib_bytes, tiny_llama, train_lm
+from fxslim.runtime.text import (
+    SPLITS,
+    TokenRows,
+    lm_batches,
+    perplexity,
+    stdlib_bytes,
+    tiny_llama,
+    token_rows,
+    train_lm,
+)
 
 pytest.importorskip("transformers")
 
@@ -50,6 +59,12 @@ def test_perplexity_is_exp_of_the_models_own_loss():
             hf = [float(model(**b).loss) for b in data]  # equal token counts per batch: the mean of means
         assert perplexity(model, data) == pytest.approx(math.exp(sum(hf) / len(hf)), rel=1e-5)
     assert perplexity(model, masked) != pytest.approx(perplexity(model, batches), rel=1e-3)
+    # the rows distill trains on: position t's logits against byte t + 1, HF's loss again
+    (ids, nxt), b = token_rows(batches)[0], batches[0]
+    with torch.inference_mode():
+        rows = TokenRows(model)(ids)
+        assert rows.shape == (2 * 31, 256)
+        assert float(nn.functional.cross_entropy(rows, nxt)) == pytest.approx(float(model(**b).loss), rel=1e-5)
 
 
 def test_a_short_training_learns_bytes():
