@@ -4,9 +4,10 @@ Not run in CI. Trains `fxslim.runtime.text.tiny_llama` once on the stdlib-source
 (1 thread), then for each criterion (magnitude, Wanda, FLAP, first-order Taylor) and
 calibration seed prunes it with ``fxslim.prune(model, x, target_params=0.5,
 importance=...)`` (uniform ratio per layer type, so the result is a `LlamaForCausalLM`
-again), and reports test perplexity of the
-original, the pruned model, and the pruned model after a short logit distillation from
-the original (`fxslim.distill` through `fxslim.runtime.text.TokenRows`).
+again), and reports test perplexity of the original, the pruned model, the pruned model
+with FLAP's bias compensation on o_proj and down_proj (`fxslim.passes.compensate`), and
+the pruned model after a short logit distillation from the original (`fxslim.distill`
+through `fxslim.runtime.text.TokenRows`).
 
     PYTHONPATH=. python bench/llm_table.py --steps 1200 --seeds 3 --distill-batches 150
 """
@@ -22,6 +23,7 @@ import torch
 
 import fxslim
 from fxslim.passes.calibrated import FLAPImportance, LMTaylorImportance, WandaImportance
+from fxslim.passes.compensate import compensate_bias
 from fxslim.runtime.text import TokenRows, lm_batches, perplexity, tiny_llama, token_rows, train_lm
 
 
@@ -67,27 +69,29 @@ def main() -> None:
     val_rows = token_rows(lm_batches("val", n_batches=4, batch_size=16, seed=0))
     table = []
     for name, make in criteria.items():
-        pruned_ppl, distilled_ppl, seconds, kept = [], [], [], []
+        pruned_ppl, comp_ppl, distilled_ppl, seconds, kept = [], [], [], [], []
         seeds = [0] if name.startswith("magnitude") else range(args.seeds)  # magnitude reads no data
         for seed in seeds:
             calib = lm_batches("train", n_batches=args.calib_batches, batch_size=8, seq_len=128, seed=100 + seed)
             t = time.perf_counter()
-            small = fxslim.prune(model, {"input_ids": calib[0]["input_ids"]}, target_params=0.5,
-                                 importance=make(calib))
+            crit = make(calib)
+            small = fxslim.prune(model, {"input_ids": calib[0]["input_ids"]}, target_params=0.5, importance=crit)
             seconds.append(time.perf_counter() - t)
             kept.append(sum(p.numel() for p in small.parameters()) / n0)
             pruned_ppl.append(perplexity(small, test))
+            comp = compensate_bias(model, small, getattr(crit, "stats", None), data=calib, layers=["o_proj", "down_proj"])
+            comp_ppl.append(perplexity(comp, test))
             if args.distill_batches:
                 fxslim.distill(TokenRows(small), TokenRows(model), train_rows, val_rows, epochs=1, lr=3e-3,
                                alpha=1.0, temperature=1.0, progress=False)
                 distilled_ppl.append(perplexity(small, test))
             print(f"{name} seed {seed}: {type(small).__name__}, params x{kept[-1]:.3f}, pass {seconds[-1]:.1f} s, "
-                  f"ppl {pruned_ppl[-1]:.3f}" + (f" -> distilled {distilled_ppl[-1]:.3f}" if distilled_ppl else ""))
-        table.append((name, len(seeds), spread(kept), spread(seconds), spread(pruned_ppl),
+                  f"ppl {pruned_ppl[-1]:.3f}, bias-compensated {comp_ppl[-1]:.3f}" + (f" -> distilled {distilled_ppl[-1]:.3f}" if distilled_ppl else ""))
+        table.append((name, len(seeds), spread(kept), spread(seconds), spread(pruned_ppl), spread(comp_ppl),
                       spread(distilled_ppl) if distilled_ppl else "-"))
     print(f"\nTest perplexity, tiny Llama (original {base:.3f}, {n0} parameters), pruned to 0.5x parameters:\n")
-    print("| importance | seeds | params kept | pass time (s) | perplexity | + distilled |")
-    print("|---|---|---|---|---|---|")
+    print("| importance | seeds | params kept | pass time (s) | perplexity | + bias comp. | + distilled |")
+    print("|---|---|---|---|---|---|---|")
     for r in table:
         print("| " + " | ".join(str(c) for c in r) + " |")
 
