@@ -74,8 +74,7 @@ def _call(model: nn.Module, batch: Any) -> None:
     if isinstance(batch, Mapping):  # a dict of keyword inputs: labels would only add a loss
         model(**{k: v for k, v in batch.items() if k != "labels"})
     elif isinstance(batch, (tuple, list)) and len(batch) == 2 and not isinstance(batch[1], (tuple, list)):
-        x = batch[0]
-        as_inputs(x if isinstance(x, Mapping) else x if isinstance(x, (tuple, list)) else (x,)).call(model)
+        as_inputs(batch[0]).call(model)  # (inputs, labels), as the training loop reads batches
     else:
         as_inputs(batch).call(model)
 

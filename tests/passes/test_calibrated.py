@@ -28,7 +28,8 @@ def test_wanda_and_flap_equal_their_formulas():
     consumer = h.norm(dim=0) * w2.abs().sum(0)  # ||X_j|| * sum_i |W_ij| on the consumer columns
     producer = (w1.abs() * x.norm(dim=0)).sum(1)  # sum_k |W_jk| ||X_k|| on the producer rows
     flap = h.var(dim=0, unbiased=False) * (w2 ** 2).sum(0)
-    cases = [(WandaImportance(data, normalize=None), consumer),
+    pairs = [(b, torch.zeros(len(b), dtype=torch.long)) for b in data]  # (inputs, labels) batches read the same
+    cases = [(WandaImportance(data, normalize=None), consumer), (WandaImportance(pairs, normalize=None), consumer),
              (WandaImportance(data, roles=("in", "out"), normalize=None), consumer + producer),
              (FLAPImportance(data, normalize=None), flap)]
     for imp, want in cases:
