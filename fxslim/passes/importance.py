@@ -445,9 +445,15 @@ def get_importance(spec: str | Callable | None) -> Callable:
         "lamp": LAMPImportance,
         "random": RandomImportance,
     }
+    if spec in ("wanda", "flap"):  # the names users try first; the criteria need batches
+        raise ArgumentError(
+            f"importance {spec!r} is computed from calibration data: pass an instance, e.g. "
+            f"importance=fxslim.passes.calibrated.{'WandaImportance' if spec == 'wanda' else 'FLAPImportance'}"
+            "(batches) with batches = fxslim.runtime.text.lm_batches('train', 8) or your own")
     if not isinstance(spec, str) or spec not in table:
         raise ArgumentError(
             f"importance must be one of {['l1', *table]} or a callable (module, group) -> scores, got {spec!r}"
             f"{closest(spec, ['l1', *table]) if isinstance(spec, str) else ''}; data-driven criteria "
-            "(TaylorImportance, ActivationImportance, SensitivityImportance) take data: pass an instance")
+            "(TaylorImportance, ActivationImportance, SensitivityImportance; for LLMs calibrated.WandaImportance, "
+            "FLAPImportance, LMTaylorImportance) take data: pass an instance")
     return table[spec]()

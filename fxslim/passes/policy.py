@@ -344,7 +344,9 @@ def prune(
             `global_ranking`). Ignored when a target is given.
         ignore: layers (paths or module objects) whose output channels stay whole.
         importance: "l1" (default), "l2", "bn", "lamp", "random", or any
-            ``(module, group) -> scores`` (see ``fxslim.passes.importance``).
+            ``(module, group) -> scores`` (see ``fxslim.passes.importance``); one with a
+            ``calibrate(model)`` method (``fxslim.passes.calibrated.WandaImportance(batches)``)
+            first records its calibration statistics on `model`.
         global_ranking: rank units across groups by per-group normalised score.
         threshold: remove units whose normalised score is below it.
         max_ratio: at most this share of any group goes.
@@ -392,6 +394,8 @@ def prune(
         A.known_names("latency_options", latency_options, LATENCY_OPTIONS)
     A.known_names("prune() keyword", trace_kwargs, TRACE_OPTIONS)
     crit = get_importance(importance) if importance is not None else l1_importance
+    if callable(getattr(crit, "calibrate", None)):  # activation-aware: hooks on the user's own modules
+        crit.calibrate(model)
     finish = _finisher(model, example_inputs, keep_classes)
     if target_latency is None and target_macs is None and target_params is None and not dry_run:
         return finish(_prune_once(model, example_inputs, policy, crit, trace_kwargs))  # no pricing needed
