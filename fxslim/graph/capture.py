@@ -41,7 +41,7 @@ from fxslim.errors import TraceError
 from fxslim.graph._aten import ATEN_OPS, DROPPED, Translation
 from fxslim.graph.rules.base import SHAPE_QUERIES
 
-__all__ = ["ATEN_OPS", "DROPPED", "Translation", "capture_export", "check_input_shapes", "is_transformers_model",
+__all__ = ["ATEN_OPS", "DROPPED", "Translation", "capture_export", "check_input_shapes", "is_transformers_model", "no_kv_cache",
            "translate"]
 
 logger = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def _no_kv_cache(model: nn.Module) -> Iterator[None]:
+def no_kv_cache(model: nn.Module) -> Iterator[None]:
     """A transformers model returns its key/value cache (a DynamicCache, which export
     cannot return) unless ``config.use_cache`` is False: off while capturing, restored after."""
     config = getattr(model, "config", None)
@@ -185,7 +185,7 @@ def capture_export(model: nn.Module, inputs: ExampleInputs) -> fx.GraphModule:
         TraceError: torch.export cannot run the model on these inputs.
     """
     try:
-        with _no_kv_cache(model), _eval_mode(model):
+        with no_kv_cache(model), _eval_mode(model):
             ep = torch.export.export(model, inputs.args, kwargs=inputs.kwargs, strict=False)
     except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else ""

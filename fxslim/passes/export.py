@@ -30,6 +30,7 @@ from torch import nn
 
 from fxslim._args import check_module, number
 from fxslim.errors import ArgumentError, ExportError
+from fxslim.graph.capture import no_kv_cache
 from fxslim.graph.trace import as_input_tuple
 from fxslim.utils import as_path, check_output_file, folders_made
 
@@ -88,6 +89,8 @@ def _flat(out: Any) -> list[torch.Tensor]:
         return [out]
     if isinstance(out, (tuple, list)):
         return [t for o in out for t in _flat(o)]
+    if isinstance(out, dict):  # an HF ModelOutput: its set fields, in order
+        return [t for o in out.values() for t in _flat(o)]
     return []
 
 
@@ -170,7 +173,7 @@ def export_onnx(
     path = as_path(path, ExportError)
     check_output_file(path, overwrite, ExportError)
     try:
-        with folders_made(path.parent):
+        with folders_made(path.parent), no_kv_cache(model):  # an HF cache object is no ONNX output
             return _export_verified(model, inputs, path, simplify, dynamic_batch, opset, tol)
     except OSError as exc:
         raise ExportError(f"cannot write '{path}': {exc}; nothing was left behind") from exc

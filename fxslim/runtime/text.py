@@ -97,6 +97,12 @@ def tiny_llama(hidden: int = 64, layers: int = 2, heads: int = 8, kv_heads: int 
     return T.LlamaForCausalLM(cfg).eval()
 
 
+def example_ids(seq_len: int = 32) -> torch.Tensor:
+    """One row of `seq_len` validation bytes as token ids (1, seq_len): example inputs for
+    the tiny LLM in pipeline configs (``inputs: fxslim.runtime.text:example_ids``)."""
+    return lm_batches("val", n_batches=1, batch_size=1, seq_len=seq_len)[0]["input_ids"]
+
+
 class TokenRows(nn.Module):
     """A causal LM as a classifier of positions: ``input_ids -> logits[:, :-1]`` flattened
     to (batch * (seq - 1), vocab). Shares the LM's parameters: training it trains the LM.
