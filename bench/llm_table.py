@@ -9,7 +9,7 @@ with FLAP's bias compensation on o_proj and down_proj (`fxslim.passes.compensate
 the pruned model after a short logit distillation from the original (`fxslim.distill`
 through `fxslim.runtime.text.TokenRows`).
 
-    PYTHONPATH=. python bench/llm_table.py --steps 1200 --seeds 3 --distill-batches 150
+    python -m bench.llm_table --steps 1200 --seeds 3 --distill-batches 150
 """
 
 from __future__ import annotations
