@@ -775,9 +775,14 @@ def test_torchvision_swin_prunes_whole_heads(v2):
     assert stream is cg.group_of("blocks.1.attn.qkv.weight", 0) is cg.group_of("blocks.1.attn.proj.weight", 0)
     table = "blocks.0.attn.cpb_mlp.2.weight" if v2 else "blocks.0.attn.relative_position_bias_table"
     assert stream is cg.group_of(table, 0 if v2 else 1)
-    small = fxslim.prune_channels(model, x, {"stem": [4, 5, 6, 7]})  # head 1 of every block
-    calls = [n for n in small.graph.nodes if getattr(n.target, "__name__", "") == "shifted_window_attention"]
+    graph = fxslim.prune_channels(model, x, {"stem": [4, 5, 6, 7]}, keep_classes=False)  # head 1 of every block
+    calls = [n for n in graph.graph.nodes if getattr(n.target, "__name__", "") == "shifted_window_attention"]
     assert [n.args[5] for n in calls] == [3, 3, 4]  # num_heads follows, head_dim stays 4
+    small = fxslim.prune_channels(model, x, {"stem": [4, 5, 6, 7]})  # the user's classes, sizes synced
+    assert type(small) is type(model)
+    assert [m.num_heads for m in small.modules() if hasattr(m, "num_heads")] == [3, 3, 4]
+    with torch.inference_mode():
+        torch.testing.assert_close(small(x), graph(x))
     assert small.get_submodule("blocks.0.attn.qkv").weight.shape == (36, 12)
     assert small.merge.reduction.weight.shape == (32, 48)  # 4 x 12 merged channels in
     if v2:
