@@ -1,6 +1,10 @@
-"""Export to ONNX, verified by onnxruntime, for one model of every torchvision family after
-prune(ratio=0.5). The originals export through torch's own exporter alone, so CI leaves
-them to the whole-zoo bench, which does both: `python -m bench.export_zoo`."""
+"""Export to ONNX, verified by onnxruntime, after prune(ratio=0.5): one model of each
+structure the exporter meets (plain and bottleneck residuals, depthwise + squeeze-excite,
+concat-heavy dense blocks, channel shuffle, fire modules, inception branches, layer-norm
+ConvNeXt blocks, attention by heads). The originals export through torch's own exporter
+alone. CI's time budget takes these 11; the whole zoo (all 80, original and pruned) is
+`python -m bench.export_zoo` (bench/EXPORT_ZOO.md), where maxvit_t, swin_t,
+efficientnet_v2_s, inception_v3 and the wide/ResNeXt variants (20-75 s each here) run."""
 
 from __future__ import annotations
 
@@ -11,10 +15,8 @@ import fxslim
 from tests.zoo.zoo import build, head_of
 
 FAMILIES = [
-    "resnet18", "resnext50_32x4d", "wide_resnet50_2", "regnet_y_400mf", "mobilenet_v2",
-    "mobilenet_v3_small", "mnasnet0_5", "efficientnet_b0", "efficientnet_v2_s", "densenet121",
-    "googlenet", "inception_v3", "shufflenet_v2_x0_5", "squeezenet1_1", "alexnet", "vgg11",
-    "convnext_tiny", "vit_b_32", "swin_t", "maxvit_t",
+    "resnet18", "regnet_y_400mf", "mobilenet_v3_small", "efficientnet_b0", "densenet121", "googlenet",
+    "shufflenet_v2_x0_5", "squeezenet1_1", "vgg11", "convnext_tiny", "vit_b_32",
 ]
 
 
