@@ -98,24 +98,22 @@ def _shape(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _model_spec(text: str) -> str:
-    from fxslim.pipeline.specs import check_model_spec
+def _spec(check: str):
+    """An argparse type: the text, once `fxslim.pipeline.specs.<check>` accepts its form."""
 
-    try:
-        check_model_spec(text)
-    except FxslimError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+    def parse(text: str) -> str:
+        from fxslim.pipeline import specs
+
+        try:
+            getattr(specs, check)(text)
+        except FxslimError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+
+    return parse
 
 
-def _data_spec(text: str) -> str:
-    from fxslim.pipeline.specs import check_data_spec
-
-    try:
-        check_data_spec(text)
-    except FxslimError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+_model_spec, _data_spec = _spec("check_model_spec"), _spec("check_data_spec")
 
 
 def _number(text: str) -> float:

@@ -132,11 +132,16 @@ def couple_linear(b: Builder, node: fx.Node, mod: nn.Module | None = None, path:
     if len(w.shape) != 2:  # F.linear with a 1-d weight: a dot product over channels
         couple_unknown(b, node, mod, f"{where(node, b.gm)} with a {len(w.shape)}-d weight")
         return
-    op.member(b, xs[-1], "weight", 1, "in")
+    _couple_matrix(b, node, op, xs, shape, in_dim=1, out_dim=0)
+
+
+def _couple_matrix(b: Builder, node: fx.Node, op, xs: list, shape: tuple, in_dim: int, out_dim: int) -> None:
+    """x @ W (+ bias): x's last dim is W's `in_dim`, the output's new last dim W's `out_dim`."""
+    op.member(b, xs[-1], "weight", in_dim, "in")
     oc = b.new(shape[-1], f"{op.label}:out")
-    op.member(b, oc, "weight", 0, "out")
+    op.member(b, oc, "weight", out_dim, "out")
     op.member(b, oc, "bias", 0, "out")
-    b.weights[node.name] = w.target
+    b.weights[node.name] = op.params["weight"].target
     b.out[node] = list(xs[:-1]) + [oc]
 
 
@@ -149,14 +154,7 @@ def couple_addmm(b: Builder, node: fx.Node, mod=None, path=None) -> None:
     op = layer_operands(b, node, None, None, ("bias", "weight"))
     if op is None:
         return
-    w = op.params["weight"]
-    xs, shape = b.out[op.x], _shape(node)
-    op.member(b, xs[-1], "weight", 0, "in")
-    oc = b.new(shape[-1], f"{op.label}:out")
-    op.member(b, oc, "weight", 1, "out")
-    op.member(b, oc, "bias", 0, "out")
-    b.weights[node.name] = w.target
-    b.out[node] = list(xs[:-1]) + [oc]
+    _couple_matrix(b, node, op, b.out[op.x], _shape(node), in_dim=0, out_dim=1)
 
 
 def sync_linear(mod: nn.Module) -> None:
