@@ -31,6 +31,7 @@ from fxslim.graph._guards import (
     snapshot_buffers,
 )
 from fxslim.graph.capture import capture_export, is_transformers_model
+from fxslim.graph.run_capture import SPECIALISED, capture_run
 from fxslim.graph.shapes import node_shapes, propagate_shapes
 from fxslim.utils import fxslim_meta, gc_paused
 
@@ -148,10 +149,13 @@ def trace(
         leaf_paths: qualified names of modules to keep whole.
         concrete_args: passed to torch.fx to specialise Python control flow.
         autowrap_functions: free functions to record as single call_function nodes.
-        capture: "fx" (torch.fx symbolic tracing), "export" (torch.export, non-strict) or
-            "auto": export for a transformers PreTrainedModel, else fx, falling back to
-            export when fx cannot trace the model (and no fx-only option was given). The
-            choice is recorded in ``gm.meta["fxslim_capture"]["kind"]``.
+        capture: "fx" (torch.fx symbolic tracing), "export" (torch.export, non-strict),
+            "run" (one eager run recorded, `fxslim.graph.run_capture`: for analysis only,
+            specialised to the example inputs; pruning then slices the user's own classes)
+            or "auto": export for a transformers PreTrainedModel, else fx, falling back to
+            export when fx cannot trace the model (and no fx-only option was given), and to
+            "run" when export fails too (logged). The choice is recorded in
+            ``gm.meta["fxslim_capture"]["kind"]`` (for "run", with ``["specialised"]``).
         share_weights: reuse the model's parameter tensors instead of copying them (for
             passes that never write to them in place, such as pruning, which copies
             whatever it keeps).
@@ -178,7 +182,7 @@ def trace(
     if concrete_args is not None and not isinstance(concrete_args, dict):
         raise ArgumentError(f"concrete_args must be a dict {{argument name: value}}, got {type(concrete_args).__name__}")
     fx_only = bool(leaf_paths or leaf_modules or concrete_args or tuple(autowrap_functions))
-    if capture == "export" and fx_only:
+    if capture in ("export", "run") and fx_only:
         raise ArgumentError("leaf_modules, leaf_paths, concrete_args and autowrap_functions apply to "
                             "capture='fx' only")
     if isinstance(model, fx.GraphModule):
@@ -194,13 +198,22 @@ def trace(
             try:
                 gm = _export(model, inputs, specs, share_weights)
             except TraceError as exc:
-                raise TraceError(f"{fx_exc}\n  torch.export (tried next) failed as well: {exc}") from exc
+                logger.warning("torch.fx and torch.export cannot capture %s; recording one eager run on the "
+                               "example inputs instead (%s): %s", type(model).__name__, SPECIALISED, exc)
+                try:
+                    gm = _run(model, inputs, specs, share_weights)
+                except TraceError as run_exc:
+                    raise TraceError(f"{fx_exc}\n  torch.export (tried next) failed as well: {exc}\n"
+                                     f"  and so did running it: {run_exc}") from run_exc
+    elif capture == "run":
+        gm = _run(model, inputs, specs, share_weights)
     else:
         gm = _symbolic(model, specs, leaf_modules, leaf_paths, concrete_args, autowrap_functions, share_weights)
     if not isinstance(model, fx.GraphModule):
         # a model fxslim pruned into the user's classes: its source, inputs and history go on
         gm.meta.update({k: v for k, v in fxslim_meta(model).items() if k in _CARRIED})
-    propagate_shapes(gm, inputs.flat(gm))
+    if gm.meta["fxslim_capture"]["kind"] != "run":  # a run capture records real shapes
+        propagate_shapes(gm, inputs.flat(gm))
     return gm
 
 
@@ -217,6 +230,18 @@ def _export(model: nn.Module, inputs: ExampleInputs, specs: list, share_weights:
     gm.meta["fxslim_opaque"] = {}
     gm.meta["fxslim_source"] = fingerprint(model, gm)
     gm.meta["fxslim_inputs"] = specs
+    return gm
+
+
+def _run(model: nn.Module, inputs: ExampleInputs, specs: list, share_weights: bool) -> fx.GraphModule:
+    """The run capture (`fxslim.graph.run_capture`) of a copy of the user's tree."""
+    root = copy_structure(model) if share_weights else _deepcopy(model)
+    gm = capture_run(root, inputs)
+    gm.training = model.training
+    gm.meta["fxslim_opaque"] = {}
+    gm.meta["fxslim_source"] = fingerprint(model, gm)
+    gm.meta["fxslim_inputs"] = specs
+    gm.meta["fxslim_capture"] = {"kind": "run", "specialised": SPECIALISED}
     return gm
 
 
@@ -308,7 +333,7 @@ def _input_specs(inputs: ExampleInputs) -> list[dict[str, Any]]:
 
 # keywords of `trace` that the other entry points pass through to it
 TRACE_OPTIONS = ("leaf_modules", "leaf_paths", "concrete_args", "autowrap_functions", "capture")
-CAPTURES = ("auto", "fx", "export")
+CAPTURES = ("auto", "fx", "export", "run")
 
 # the record a class-kept pruned model carries into its trace (`fxslim.utils.fxslim_meta`)
 _CARRIED = ("fxslim_source", "fxslim_inputs", "fxslim_history", "fxslim_keep")

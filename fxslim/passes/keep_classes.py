@@ -234,8 +234,8 @@ def keep_classes(model: nn.Module, pruned: fx.GraphModule, example_inputs: Any) 
         >>> small = keep_classes(model, gm, x)
         >>> small.layer1[0].conv1.out_channels
     """
-    if isinstance(model, fx.GraphModule):  # its class is GraphModule already
-        return pruned
+    if isinstance(model, fx.GraphModule) or not isinstance(pruned, fx.GraphModule):
+        return pruned  # its class is GraphModule already / a run capture's prune is the user's classes
     try:
         kept = rebuild_classes(model, pruned)
         if _is_pretrained(model):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +45,7 @@ __all__ = [
     "make_plan",
     "plan_record",
     "prune_channels",
+    "slice_tensors",
 ]
 
 logger = logging.getLogger(__name__)
@@ -156,22 +157,15 @@ def _get_tensor(gm: nn.Module, target: str) -> torch.Tensor:
     return getattr(owner, name)
 
 
-@gc_paused
-def apply_plan(gm: fx.GraphModule, cg: CouplingGraph, plan: PrunePlan, example_inputs: Any, *,
-               inplace: bool = False) -> fx.GraphModule:
-    """Apply `plan` to a copy of `gm` (the analysed module) and return the copy.
-
-    With `inplace`, `gm` itself is rewritten (for callers that own it, e.g. a module
-    `fxslim.trace` made for this prune alone); `cg` describes the old graph afterwards.
-    Either way the result owns its tensors: it shares none with `gm`'s original ones.
-    """
-    new = gm if inplace else copy_structure(gm)  # tensors shared until sliced or cloned below
+def slice_tensors(new: nn.Module, plan: PrunePlan, syncs: Callable[[nn.Module], list] | None = None
+                  ) -> dict[str, nn.Module]:
+    """Slice `new`'s tensors in place by `plan.keep`, give it its own copy of every other
+    tensor, and bring each changed module's size attributes in line (its rule's ``sync``,
+    or `syncs(mod)`). Returns ``dict(new.named_modules())``."""
     modules = dict(new.named_modules())
     by_target: dict[str, list[tuple[int, np.ndarray]]] = defaultdict(list)
     for (target, dim), kept in plan.keep.items():
         by_target[target].append((dim, kept))
-    history = list(gm.meta.get("fxslim_history", [])) + [plan_record(cg, plan)]
-    keep = _compose_keep(gm.meta.get("fxslim_keep", {}), plan.keep)
     with torch.no_grad():
         # whatever is not sliced below is still the analysed module's tensor: own a copy
         # (one copy per tensor, so weights tied across modules stay tied)
@@ -201,13 +195,38 @@ def apply_plan(gm: fx.GraphModule, cg: CouplingGraph, plan: PrunePlan, example_i
                 owner._buffers[name] = t.contiguous()
     for path in sorted({t.rpartition(".")[0] for t in by_target}):
         mod = modules.get(path)
-        sync = R.sync_of(mod) if mod is not None else None
-        if sync is not None:
-            try:
-                sync(mod)
-            except Exception as exc:
-                raise RuleError(f"updating the size attributes of {type(mod).__name__} at '{path}' after "
-                                f"slicing failed ({type(exc).__name__}: {exc})") from exc
+        if mod is None:
+            continue
+        fns = syncs(mod) if syncs is not None else [R.sync_of(mod)]
+        try:
+            for sync in fns:
+                if sync is not None:
+                    sync(mod)
+        except Exception as exc:
+            raise RuleError(f"updating the size attributes of {type(mod).__name__} at '{path}' after "
+                            f"slicing failed ({type(exc).__name__}: {exc})") from exc
+    return modules
+
+
+@gc_paused
+def apply_plan(gm: fx.GraphModule, cg: CouplingGraph, plan: PrunePlan, example_inputs: Any, *,
+               inplace: bool = False) -> fx.GraphModule:
+    """Apply `plan` to a copy of `gm` (the analysed module) and return the copy.
+
+    With `inplace`, `gm` itself is rewritten (for callers that own it, e.g. a module
+    `fxslim.trace` made for this prune alone); `cg` describes the old graph afterwards.
+    Either way the result owns its tensors: it shares none with `gm`'s original ones.
+    A run capture (``capture="run"``) has no graph to rewrite: the result is the user's
+    own classes, sliced (`fxslim.passes.run_rewrite`).
+    """
+    if gm.meta.get("fxslim_capture", {}).get("kind") == "run":  # no graph to rewrite: the user's classes
+        from fxslim.passes.run_rewrite import apply_plan_to_classes
+
+        return apply_plan_to_classes(gm, cg, plan, example_inputs)
+    new = gm if inplace else copy_structure(gm)  # tensors shared until sliced or cloned below
+    history = list(gm.meta.get("fxslim_history", [])) + [plan_record(cg, plan)]
+    keep = _compose_keep(gm.meta.get("fxslim_keep", {}), plan.keep)
+    modules = slice_tensors(new, plan)
     _fix_literals(new, gm, cg, plan, modules)
     new.meta["fxslim_history"] = history
     new.meta["fxslim_keep"] = keep

@@ -4,7 +4,8 @@
    kept channels on the right dim; every other tensor is unchanged.
 2. Dead-channel equivalence: zero every member slice of the channels to be removed in
    the original (producer rows, consumer columns, norm affines); then its outputs equal
-   the pruned model's. Exact in real arithmetic for groups that pass no statistic over
+   the pruned model's. For a run capture both sides are the user's own classes run
+   eagerly (the graph is a record, never run). Exact in real arithmetic for groups that pass no statistic over
    channels (`ChannelGroup.stat` is False); a misplaced index anywhere breaks it.
 """
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from fxslim._inputs import as_inputs
 from fxslim.graph.coupling import CouplingGraph
+from fxslim.graph.run_capture import RUN_MODEL
 from fxslim.graph.trace import copy_structure
 from fxslim.passes.prune import PrunePlan, apply_plan, make_plan
 
@@ -31,6 +33,7 @@ def slicing_mismatches(original: nn.Module, pruned: nn.Module, plan: PrunePlan) 
     for (target, dim), kept in plan.keep.items():
         cuts.setdefault(target, []).append((dim, kept))
     bad = []
+    original = _reference(original)
     orig = dict(original.named_parameters()) | dict(original.named_buffers())
     for name, t in list(pruned.named_parameters()) + list(pruned.named_buffers()):
         if name not in orig:
@@ -42,6 +45,13 @@ def slicing_mismatches(original: nn.Module, pruned: nn.Module, plan: PrunePlan) 
         if ref.shape != t.shape or not torch.equal(ref, t.detach()):
             bad.append(f"{name}: {tuple(t.shape)} is not the original sliced to {tuple(ref.shape)}")
     return bad
+
+
+def _reference(gm: nn.Module) -> nn.Module:
+    """What a pruned model is compared with: the analysed module, or for a run capture
+    (whose graph is never run) the module tree it ran."""
+    model = getattr(gm, "meta", {}).get(RUN_MODEL)
+    return gm if model is None else model
 
 
 def zero_channels(gm: nn.Module, plan: PrunePlan) -> nn.Module:
@@ -111,7 +121,7 @@ def dead_channel_check(
     """
     plan = make_plan(cg, removal)
     xs = as_inputs(inputs if inputs is not None else example_inputs)
-    dead = zero_channels(gm, plan)
+    dead = zero_channels(_reference(gm), plan)
     with torch.inference_mode():
         want = xs.call(dead.eval())
     del dead  # one copy at a time: the zeroed one, then the pruned one

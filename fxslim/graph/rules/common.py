@@ -46,6 +46,10 @@ def elementwise(b: Builder, node: fx.Node, mod=None, path=None) -> None:
     """Output dims are the input dims (after broadcasting): x+y, relu(x), x*s ..."""
     shape = _shape(node)
     tensors = [a for a in _flat_args(node) if _is_tensor(b, a)]
+    if not isinstance(shape, tuple) or any(len(_shape(t)) > len(shape) for t in tensors):
+        # another form of the op (torch.where(cond) gives indices): not elementwise
+        couple_unknown(b, node, mod, f"{where(node, b.gm)} in a form that is not elementwise")
+        return
     out = None
     for t in tensors:  # reuse the spaces of an input that has the output's full shape
         if _shape(t) == shape:
@@ -61,6 +65,9 @@ def elementwise(b: Builder, node: fx.Node, mod=None, path=None) -> None:
 def same_as_input(b: Builder, node: fx.Node, mod=None, path=None) -> None:
     """Output is the first input, channel for channel (dropout, identity, contiguous)."""
     x = node.args[0] if node.args else next(iter(node.kwargs.values()))
+    if b.out.get(x) is None or _shape(x) != _shape(node):
+        couple_unknown(b, node, mod, f"{where(node, b.gm)} in a form that does not keep its input's shape")
+        return
     b.out[node] = list(b.out[x])
 
 

@@ -56,6 +56,7 @@ from fxslim.graph.rules.tensor_ops import (
     couple_getitem,
     couple_interpolate,
     couple_matmul,
+    couple_multiscale_roi_align,
     couple_pad,
     couple_pixel_shuffle,
     couple_pixel_unshuffle,
@@ -104,10 +105,11 @@ _ELEMENTWISE_FUNCS = [
 ]
 _ELEMENTWISE_METHODS = [
     "add", "sub", "mul", "div", "neg", "abs", "exp", "sqrt", "relu", "sigmoid", "tanh", "clamp",
-    "pow", "add_", "mul_", "sub_", "div_", "relu_", "sigmoid_", "float", "half", "double", "to",
-    "type_as", "contiguous", "clone", "detach", "masked_fill", "__add__", "__mul__", "rsqrt",
-    "square", "clamp_min", "clamp_max",
+    "pow", "add_", "mul_", "sub_", "div_", "relu_", "sigmoid_", "masked_fill", "__add__", "__mul__",
+    "rsqrt", "square", "clamp_min", "clamp_max",
 ]
+# the input itself, in another dtype or memory (x.to(y) takes only y's dtype and device)
+_SAME_AS_INPUT_METHODS = ["float", "half", "double", "to", "type_as", "contiguous", "clone", "detach"]
 _ELEMENTWISE_MODULES = [
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardswish,
     nn.Hardsigmoid, nn.Hardtanh, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Softplus,
@@ -119,6 +121,8 @@ for _f in _ELEMENTWISE_FUNCS:  # the output's channels are the inputs' channels
     register_rule(_f, elementwise)
 for _m in _ELEMENTWISE_METHODS:
     register_rule(f"method:{_m}", elementwise)
+for _m in _SAME_AS_INPUT_METHODS:
+    register_rule(f"method:{_m}", same_as_input)
 for _m in _ELEMENTWISE_MODULES:
     register_rule(_m, elementwise)
 
@@ -252,6 +256,9 @@ def _register_torchvision() -> None:
         return
     register_rule(stochastic_depth, same_as_input)  # drops whole samples or rows, never channels
     register_rule(Permute, couple_permute)
+    from torchvision.ops import MultiScaleRoIAlign
+
+    register_rule(MultiScaleRoIAlign, couple_multiscale_roi_align)  # RoIAlign per channel (detectors)
     try:
         from torchvision.models import swin_transformer as swin
     except ImportError:  # pragma: no cover - older torchvision

@@ -416,3 +416,22 @@ def couple_sdpa(b: Builder, node: fx.Node, mod=None, path=None) -> None:
             if b.sizes[b.find(t[d])] == b.sizes[b.find(qs[d])]:
                 b.union(qs[d], t[d])
     b.out[node] = list(qs[:-1]) + [vs[-1]]
+
+
+def couple_multiscale_roi_align(b: Builder, node: fx.Node, mod=None, path=None) -> None:
+    """torchvision's MultiScaleRoIAlign(features, boxes, image_shapes): RoIAlign pools each
+    channel on its own, so output channel c is channel c of every feature map it reads
+    (all share one channel space); the RoIs and pooled positions are new dims, and the
+    boxes carry no channels."""
+    feats = _arg(node, 0, "x")
+    used = [feats[k] for k in mod.featmap_names if k in feats] if isinstance(feats, dict) else []
+    shape = _shape(node)
+    if not used or not isinstance(shape, tuple) or len(shape) != 4 or not all(
+            _is_tensor(b, f) and len(_shape(f)) == 4 and _shape(f)[1] == shape[1] for f in used):
+        couple_unknown(b, node, mod, f"{where(node, b.gm)} on inputs it does not pool channel by channel")
+        return
+    pin = f"RoIs and pooled positions of {where(node, b.gm)}"
+    out = [b.new(s, f"{node.name}:{d}", None if d == 1 else pin) for d, s in enumerate(shape)]
+    for f in used:
+        b.union(out[1], b.out[f][1])
+    b.out[node] = out
