@@ -73,6 +73,8 @@ class ExampleInputs:
     def describe(self) -> str:
         """A short description: shapes of positional and keyword tensors."""
         def one(v: Any) -> str:
+            if isinstance(v, (list, tuple)) and v and all(isinstance(t, torch.Tensor) for t in v):
+                return f"[{', '.join(one(t) for t in v)}]"  # a list of images (detectors)
             return f"tensor{tuple(v.shape)}" if isinstance(v, torch.Tensor) else repr(v)[:30]
         parts = [one(a) for a in self.args] + [f"{k}={one(v)}" for k, v in self.kwargs.items()]
         return f"({', '.join(parts)})"

@@ -40,7 +40,7 @@ from fxslim.errors import TraceError
 from fxslim.graph import rules as R
 from fxslim.graph.shapes import _record
 
-__all__ = ["RUN_MODEL", "SPECIALISED", "capture_run"]
+__all__ = ["RUN_MODEL", "SPECIALISED", "UNUSED", "capture_run"]
 
 try:
     from torch.fx._lazy_graph_module import _LazyGraphModule as _GraphModuleClass
@@ -50,6 +50,7 @@ except ImportError:  # pragma: no cover - torch without it
 logger = logging.getLogger(__name__)
 
 RUN_MODEL = "run_capture_model"  # gm.meta key: the module tree the run capture ran (shares tensors)
+UNUSED = "run_capture_unused"  # gm.meta key: names of the parameters the run never read
 SPECIALISED = ("the graph records one eager run on the example inputs: its sizes and the branches taken "
                "are those of that run (it feeds the analysis only; the pruned model is the user's classes)")
 
@@ -224,7 +225,15 @@ def capture_run(root: nn.Module, inputs: ExampleInputs) -> fx.GraphModule:
                       and R.lookup_rule(n, None) is None and n.meta.get("tensor_meta") is not None})
     logger.info("run capture of %s: %d nodes, %d ops with no rule (they pin what they touch): %s",
                 type(root).__name__, len(graph.nodes), len(unknown), unknown[:20])
+    read = {id(t) for n in graph.nodes if n.op == "get_attr" for t in [attrs[n.target]]}
+    read |= {id(p) for n in graph.nodes if n.op == "call_module" for p in attrs[n.target].parameters()}
+    unused = [name for name, p in root.named_parameters() if id(p) not in read]
+    if unused:  # e.g. a training-only branch: its sizes are not checked by this run
+        logger.warning("the recorded run of %s never reads %d parameters (e.g. '%s'): they keep their sizes, "
+                       "and a forward that reads them (another mode or input) may not fit a prune",
+                       type(root).__name__, len(unused), unused[0])
     gm.meta[RUN_MODEL] = root
+    gm.meta[UNUSED] = unused
     return gm
 
 

@@ -198,8 +198,8 @@ def trace(
             try:
                 gm = _export(model, inputs, specs, share_weights)
             except TraceError as exc:
-                logger.warning("torch.fx and torch.export cannot capture %s; recording one eager run on the "
-                               "example inputs instead (%s): %s", type(model).__name__, SPECIALISED, exc)
+                logger.warning("torch.fx and torch.export cannot capture %s (%s); recording one eager run "
+                               "instead: %s", type(model).__name__, str(exc).splitlines()[0][:200], SPECIALISED)
                 try:
                     gm = _run(model, inputs, specs, share_weights)
                 except TraceError as run_exc:

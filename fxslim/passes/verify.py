@@ -109,6 +109,7 @@ def dead_channel_check(
     removal: Mapping[int, Iterable[int]],
     example_inputs: Any,
     inputs: Any = None,
+    at: Iterable[str] = (),
 ) -> tuple[float, nn.Module, PrunePlan]:
     """Run the dead-channel oracle; returns (max scaled output difference, pruned, plan).
 
@@ -118,14 +119,30 @@ def dead_channel_check(
         removal: {group id: units}; use only groups with ``stat == False``.
         example_inputs: the inputs the module was traced with.
         inputs: inputs to compare outputs on (default: `example_inputs`).
+        at: module paths whose outputs are compared instead of the model's (recorded by
+            forward hooks): a detector's raw head outputs, before postprocessing whose
+            ranking (top-k, NMS over near-equal random scores) turns float rounding into
+            reordered detections.
     """
     plan = make_plan(cg, removal)
     xs = as_inputs(inputs if inputs is not None else example_inputs)
     dead = zero_channels(_reference(gm), plan)
-    with torch.inference_mode():
-        want = xs.call(dead.eval())
+    at = list(at)
+    want = _outputs(dead.eval(), xs, at)
     del dead  # one copy at a time: the zeroed one, then the pruned one
     pruned = apply_plan(gm, cg, plan, example_inputs)
-    with torch.inference_mode():
-        got = xs.call(pruned.eval())
+    got = _outputs(pruned.eval(), xs, at)
     return max_scaled_diff(want, got), pruned, plan
+
+
+def _outputs(model: nn.Module, xs: Any, at: list[str]) -> Any:
+    """The model's outputs on `xs`, or those of the modules at paths `at`."""
+    seen: dict[str, list] = {p: [] for p in at}
+    handles = [model.get_submodule(p).register_forward_hook(lambda m, a, o, p=p: seen[p].append(o)) for p in at]
+    try:
+        with torch.inference_mode():
+            out = xs.call(model)
+    finally:
+        for h in handles:
+            h.remove()
+    return [seen[p] for p in at] if at else out
