@@ -51,18 +51,28 @@ logger = logging.getLogger(__name__)
 
 RUN_MODEL = "run_capture_model"  # gm.meta key: the module tree the run capture ran (shares tensors)
 UNUSED = "run_capture_unused"  # gm.meta key: names of the parameters the run never read
-SPECIALISED = ("the graph records one eager run on the example inputs: its sizes and the branches taken "
-               "are those of that run (it feeds the analysis only; the pruned model is the user's classes)")
+SPECIALISED = (
+    "the graph records one eager run on the example inputs: its sizes and the branches taken "
+    "are those of that run (it feeds the analysis only; the pruned model is the user's classes)"
+)
 
 # Tensor operators as the calls the rule table knows; (fn, True) swaps the operands (x.__radd__(y) = y + x)
 _OPERATORS: dict[str, tuple[Any, bool]] = {
-    "__add__": (operator.add, False), "__radd__": (operator.add, True),
-    "__sub__": (operator.sub, False), "__rsub__": (operator.sub, True),
-    "__mul__": (operator.mul, False), "__rmul__": (operator.mul, True),
-    "__truediv__": (operator.truediv, False), "__rtruediv__": (operator.truediv, True),
-    "__matmul__": (operator.matmul, False), "__rmatmul__": (operator.matmul, True),
-    "__neg__": (operator.neg, False), "__getitem__": (operator.getitem, False),
-    "__iadd__": (operator.iadd, False), "__imul__": (operator.imul, False), "__isub__": (operator.isub, False),
+    "__add__": (operator.add, False),
+    "__radd__": (operator.add, True),
+    "__sub__": (operator.sub, False),
+    "__rsub__": (operator.sub, True),
+    "__mul__": (operator.mul, False),
+    "__rmul__": (operator.mul, True),
+    "__truediv__": (operator.truediv, False),
+    "__rtruediv__": (operator.truediv, True),
+    "__matmul__": (operator.matmul, False),
+    "__rmatmul__": (operator.matmul, True),
+    "__neg__": (operator.neg, False),
+    "__getitem__": (operator.getitem, False),
+    "__iadd__": (operator.iadd, False),
+    "__imul__": (operator.imul, False),
+    "__isub__": (operator.isub, False),
 }
 
 
@@ -84,6 +94,7 @@ class _Recorder(TorchFunctionMode):
         self.constants: dict[str, torch.Tensor] = {}
         self.stack: list[nn.Module] = []
         self.leaf: nn.Module | None = None  # inside a leaf module: its calls are not recorded
+        self.quiet = False  # in a hook: fxslim's own tensor queries are not the model's calls
 
     # -- nodes ------------------------------------------------------------------------
     def _module_stack(self) -> dict[str, tuple[str, str]]:
@@ -101,7 +112,9 @@ class _Recorder(TorchFunctionMode):
         if isinstance(result, torch.Tensor):
             self.env[id(result)] = node
             self.alive.append(result)
-        elif isinstance(result, (tuple, list)) and any(isinstance(r, torch.Tensor) for r in pytree.tree_leaves(result)):
+        elif isinstance(result, (tuple, list)) and any(
+            isinstance(r, torch.Tensor) for r in pytree.tree_leaves(result)
+        ):
             for i, r in enumerate(result):
                 if isinstance(r, (torch.Tensor, tuple, list)):
                     sub = self.graph.create_node("call_function", operator.getitem, (node, i), {})
@@ -111,6 +124,7 @@ class _Recorder(TorchFunctionMode):
 
     def arg(self, a: Any) -> Any:
         """A call's argument with its tensors as nodes."""
+
         def one(t: Any) -> Any:
             if not isinstance(t, torch.Tensor):
                 return t
@@ -118,7 +132,9 @@ class _Recorder(TorchFunctionMode):
             if node is not None:
                 return node
             name = self.names.get(id(t))
-            if name is None:  # made where nothing was recorded (inside a leaf, from numpy): a constant
+            if (
+                name is None
+            ):  # made where nothing was recorded (inside a leaf, from numpy): a constant
                 name = f"_fxslim_constant{len(self.constants)}"
                 self.constants[name] = t
             node = self.attrs.get(name)
@@ -130,15 +146,17 @@ class _Recorder(TorchFunctionMode):
         return pytree.tree_map(one, a)
 
     # -- the mode ---------------------------------------------------------------------
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
         kwargs = kwargs or {}
-        if func is torch.Tensor.__iter__ and self.leaf is None:  # iterating a tensor: its unbind(0)
+        if self.leaf is not None or self.quiet:
+            return func(*args, **kwargs)
+        if func is torch.Tensor.__iter__:  # iterating a tensor: its unbind(0)
             parts = args[0].unbind(0)
             self._node("call_method", "unbind", (self.arg(args[0]), 0), {}, parts)
             return iter(parts)
         out = func(*args, **kwargs)
-        if self.leaf is not None:
-            return out
         name = getattr(func, "__name__", "")
         mutated = out is None and name == "__setitem__"
         if not mutated and not any(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(out)):
@@ -158,14 +176,18 @@ class _Recorder(TorchFunctionMode):
     def pre_hook(self, mod: nn.Module, args: tuple, kwargs: dict) -> None:
         self.stack.append(mod)
         if self.leaf is None and _is_leaf(mod):
-            self.leaf = mod
+            self.quiet = True
             self.leaf_inputs = (self.arg(args), self.arg(kwargs))
+            self.quiet, self.leaf = False, mod
 
     def post_hook(self, mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
         if self.leaf is mod:
-            self.leaf = None
             self.stack.pop()
-            self._node("call_module", self.paths[id(mod)], *self.leaf_inputs, out)
+            self.quiet, self.leaf = True, None
+            try:
+                self._node("call_module", self.paths[id(mod)], *self.leaf_inputs, out)
+            finally:
+                self.quiet = False
         elif self.stack and self.stack[-1] is mod:
             self.stack.pop()
 
@@ -183,7 +205,10 @@ def capture_run(root: nn.Module, inputs: ExampleInputs) -> fx.GraphModule:
     """
     graph = fx.Graph()
     names: dict[int, str] = {}
-    for table in (root.named_buffers(remove_duplicate=False), root.named_parameters(remove_duplicate=False)):
+    for table in (
+        root.named_buffers(remove_duplicate=False),
+        root.named_parameters(remove_duplicate=False),
+    ):
         for name, t in table:
             names.setdefault(id(t), name)
     paths = {id(m): p for p, m in root.named_modules(remove_duplicate=False)}
@@ -204,8 +229,10 @@ def capture_run(root: nn.Module, inputs: ExampleInputs) -> fx.GraphModule:
         with torch.no_grad(), rec:
             out = inputs.call(root)
     except Exception as exc:
-        raise TraceError(f"{type(root).__name__} fails on the example inputs {inputs.describe()} while fxslim "
-                         f"records its run ({type(exc).__name__}: {str(exc)[:300]})") from exc
+        raise TraceError(
+            f"{type(root).__name__} fails on the example inputs {inputs.describe()} while fxslim "
+            f"records its run ({type(exc).__name__}: {str(exc)[:300]})"
+        ) from exc
     finally:
         for h in handles:
             h.remove()
@@ -219,28 +246,53 @@ def capture_run(root: nn.Module, inputs: ExampleInputs) -> fx.GraphModule:
         elif node.op == "get_attr" and node.target not in attrs:
             owner, _, field = node.target.rpartition(".")
             attrs[node.target] = getattr(root.get_submodule(owner), field)
-    gm = _GraphModuleClass(attrs, graph, class_name=type(root).__name__)  # never compiled: never run
+    # lazily compiled: this graph is never run, so never compiled
+    gm = _GraphModuleClass(attrs, graph, class_name=type(root).__name__)
     gm.forward = _not_runnable
-    unknown = sorted({_op_name(n) for n in graph.nodes if n.op in ("call_function", "call_method")
-                      and R.lookup_rule(n, None) is None and n.meta.get("tensor_meta") is not None})
-    logger.info("run capture of %s: %d nodes, %d ops with no rule (they pin what they touch): %s",
-                type(root).__name__, len(graph.nodes), len(unknown), unknown[:20])
+    unknown = sorted(
+        {
+            _op_name(n)
+            for n in graph.nodes
+            if n.op in ("call_function", "call_method")
+            and R.lookup_rule(n, None) is None
+            and n.meta.get("tensor_meta") is not None
+        }
+    )
+    logger.info(
+        "run capture of %s: %d nodes, %d ops with no rule (they pin what they touch): %s",
+        type(root).__name__,
+        len(graph.nodes),
+        len(unknown),
+        unknown[:20],
+    )
     read = {id(t) for n in graph.nodes if n.op == "get_attr" for t in [attrs[n.target]]}
-    read |= {id(p) for n in graph.nodes if n.op == "call_module" for p in attrs[n.target].parameters()}
+    read |= {
+        id(p) for n in graph.nodes if n.op == "call_module" for p in attrs[n.target].parameters()
+    }
     unused = [name for name, p in root.named_parameters() if id(p) not in read]
     if unused:  # e.g. a training-only branch: its sizes are not checked by this run
-        logger.warning("the recorded run of %s never reads %d parameters (e.g. '%s'): they keep their sizes, "
-                       "and a forward that reads them (another mode or input) may not fit a prune",
-                       type(root).__name__, len(unused), unused[0])
+        logger.warning(
+            "the recorded run of %s never reads %d parameters (e.g. '%s'): they keep their sizes, "
+            "and a forward that reads them (another mode or input) may not fit a prune",
+            type(root).__name__,
+            len(unused),
+            unused[0],
+        )
     gm.meta[RUN_MODEL] = root
     gm.meta[UNUSED] = unused
     return gm
 
 
 def _op_name(node: fx.Node) -> str:
-    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return (
+        node.target
+        if isinstance(node.target, str)
+        else getattr(node.target, "__name__", str(node.target))
+    )
 
 
 def _not_runnable(*args: Any, **kwargs: Any) -> Any:
-    raise TraceError("this graph records one eager run (capture='run') and cannot be run itself: run the "
-                     "model, or the model fxslim.prune returns (the user's own classes)")
+    raise TraceError(
+        "this graph records one eager run (capture='run') and cannot be run itself: run the "
+        "model, or the model fxslim.prune returns (the user's own classes)"
+    )

@@ -43,7 +43,9 @@ def run_model(gm: fx.GraphModule) -> nn.Module:
     return gm.meta[RUN_MODEL]
 
 
-def apply_plan_to_classes(gm: fx.GraphModule, cg: CouplingGraph, plan: PrunePlan, example_inputs: Any) -> nn.Module:
+def apply_plan_to_classes(
+    gm: fx.GraphModule, cg: CouplingGraph, plan: PrunePlan, example_inputs: Any
+) -> nn.Module:
     """`plan` applied to a copy of the run capture's module tree (see the module docstring).
 
     Raises:
@@ -66,9 +68,12 @@ def apply_plan_to_classes(gm: fx.GraphModule, cg: CouplingGraph, plan: PrunePlan
             f"the pruned {type(root).__name__} (its own classes, sliced) fails on the example inputs"
             f"{_failing_module(exc, new)}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}\n"
             f"  at {_user_frame(exc)}\n  (a size its forward reads from an attribute fxslim does not update: "
-            "keep that layer whole with ignore=[...], or add its class to CLASS_SYNCS)") from exc
+            "keep that layer whole with ignore=[...], or add its class to CLASS_SYNCS)"
+        ) from exc
     finally:
         for m in training:
             m.training = True
-    logger.info("pruned %s in its own classes: %d tensors sliced", type(root).__name__, len(plan.keep))
+    logger.info(
+        "pruned %s in its own classes: %d tensors sliced", type(root).__name__, len(plan.keep)
+    )
     return new

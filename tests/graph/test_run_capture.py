@@ -39,7 +39,8 @@ class Gate(nn.Module):
         self.bn = nn.BatchNorm2d(c)
 
     def forward(self, x):
-        if x.mean() > 0:  # a branch on a value: torch.fx cannot follow it, torch.export cannot guard it
+        # a branch on a value: torch.fx cannot follow it, torch.export cannot guard it
+        if x.mean() > 0:
             x = x + F.relu(self.bn(self.conv(x)))
         return x
 
@@ -58,11 +59,14 @@ class Picker(nn.Module):
     def forward(self, images: list[torch.Tensor]):
         x = torch.stack(images)
         y = self.gate(self.stem(x))
-        z = F.hardswish(F.conv2d(y, self.proj.weight, self.proj.bias))  # function form, module's parameters
+        # the function form, with the module's parameters
+        z = F.hardswish(F.conv2d(y, self.proj.weight, self.proj.bias))
         scores = self.head(z).amax(dim=(2, 3))
         keep = (scores > 0).nonzero()
-        return [{"scores": s[keep[keep[:, 0] == i, 1]], "width_profile": f.sum((0, 1))} for i, (s, f) in
-                enumerate(zip(scores, z))]
+        return [
+            {"scores": s[keep[keep[:, 0] == i, 1]], "width_profile": f.sum((0, 1))}
+            for i, (s, f) in enumerate(zip(scores, z))
+        ]
 
 
 def _model() -> tuple[nn.Module, tuple]:
@@ -74,7 +78,9 @@ def _model() -> tuple[nn.Module, tuple]:
             m.running_var.uniform_(0.5, 2.0)
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(0.0, 0.5)
-    images = [torch.randn(3, 12, 12, generator=torch.Generator().manual_seed(i)) + 0.5 for i in range(2)]
+    images = [
+        torch.randn(3, 12, 12, generator=torch.Generator().manual_seed(i)) + 0.5 for i in range(2)
+    ]
     return model, (images,)
 
 
@@ -87,12 +93,17 @@ def test_auto_falls_back_to_run_capture_and_says_it_is_specialised(caplog):
     assert "torch.fx and torch.export cannot capture Picker" in caplog.text
     with pytest.raises(TraceError, match="records one eager run"):
         gm(*x)
-    ops = {n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "") for n in gm.graph.nodes}
+    ops = {
+        n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+        for n in gm.graph.nodes
+    }
     assert {"stem.0", "gate.conv", "conv2d", "hardswish", "add", "nonzero"} <= ops
     conv2d = next(n for n in gm.graph.nodes if getattr(n.target, "__name__", "") == "conv2d")
-    assert [a.target for a in conv2d.args[1:3]] == ["proj.weight", "proj.bias"]  # parameters by their names
-    assert next(reversed(conv2d.meta["nn_module_stack"].values()))[0] == ""  # the top level's forward
-    add = next(n for n in gm.graph.nodes if n.target == "add")  # x + y reaches the mode as Tensor.add
+    # parameters by their names; the top level's forward is the path ""
+    assert [a.target for a in conv2d.args[1:3]] == ["proj.weight", "proj.bias"]
+    assert next(reversed(conv2d.meta["nn_module_stack"].values()))[0] == ""
+    # x + y reaches the mode as Tensor.add
+    add = next(n for n in gm.graph.nodes if n.target == "add")
     assert next(reversed(add.meta["nn_module_stack"].values()))[0] == "gate"
 
 
@@ -103,7 +114,8 @@ def test_run_capture_pins_data_dependent_ops_by_name_and_path():
     assert "nonzero" in pinned["head.weight"] or "gt" in pinned["head.weight"]
     assert "<top level>" in pinned["head.weight"]
     prunable = {g.root.target for g in cg.groups if g.prunable}
-    assert {"stem.0.weight", "proj.weight"} <= prunable  # the gate's residual joins the stem's group
+    # the gate's residual joins the stem's group
+    assert {"stem.0.weight", "proj.weight"} <= prunable
 
 
 def test_run_capture_prune_is_the_users_class_and_proven():
@@ -119,11 +131,18 @@ def test_run_capture_prune_is_the_users_class_and_proven():
     plan = make_plan(cg, uniform_removal(gm, cg, 0.5, ["head"]))
     small = apply_plan(gm, cg, plan, x)
     assert isinstance(small, Picker)
-    assert small.stem[0].out_channels == 8 and small.gate.bn.num_features == 8 and small.proj.out_channels == 12
+    assert (
+        small.stem[0].out_channels == 8
+        and small.gate.bn.num_features == 8
+        and small.proj.out_channels == 12
+    )
     assert small.head.in_channels == 12 and small.head.out_channels == 5
     assert slicing_mismatches(gm, small, plan) == []
-    assert small.fxslim_meta["fxslim_history"] and "proj.weight:0" in small.fxslim_meta["fxslim_keep"]
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the user's model untouched
+    assert (
+        small.fxslim_meta["fxslim_history"] and "proj.weight:0" in small.fxslim_meta["fxslim_keep"]
+    )
+    # the user's model untouched
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with torch.no_grad():
         out = small([torch.randn(3, 20, 16)])  # its own class: any size runs
     assert out[0]["width_profile"].shape == (16,)

@@ -40,18 +40,30 @@ torchvision = pytest.importorskip("torchvision")
 
 RTOL, ATOL = 1e-4, 1e-5
 
-_SSD_OUT = [f"head.{h}.module_list.{i}.1" for h in ("classification_head", "regression_head") for i in range(6)]
-_RCNN_OUT = ["rpn.head.cls_logits", "rpn.head.bbox_pred", "roi_heads.box_predictor.cls_score",
-             "roi_heads.box_predictor.bbox_pred"]
+_SSD_OUT = [
+    f"head.{h}.module_list.{i}.1"
+    for h in ("classification_head", "regression_head")
+    for i in range(6)
+]
+_RCNN_OUT = [
+    "rpn.head.cls_logits",
+    "rpn.head.bbox_pred",
+    "roi_heads.box_predictor.cls_score",
+    "roi_heads.box_predictor.bbox_pred",
+]
 # name -> (builder keywords, output layers kept whole, modules whose outputs the dead-channel oracle compares)
 MODELS = {
     "ssdlite320_mobilenet_v3_large": ({"num_classes": 3}, _SSD_OUT, ["head"]),
     "fasterrcnn_mobilenet_v3_large_320_fpn": (
-        {"num_classes": 3, "min_size": 160, "max_size": 160, "box_score_thresh": 0.0}, _RCNN_OUT,
-        ["", "rpn.head", "roi_heads.box_predictor"]),  # "": the detections themselves
+        {"num_classes": 3, "min_size": 160, "max_size": 160, "box_score_thresh": 0.0},
+        _RCNN_OUT,
+        ["", "rpn.head", "roi_heads.box_predictor"],
+    ),  # "": the detections themselves
 }
-FIRST_CONV = {"ssdlite320_mobilenet_v3_large": "backbone.features.0.0.0",
-              "fasterrcnn_mobilenet_v3_large_320_fpn": "backbone.body.0.0"}
+FIRST_CONV = {
+    "ssdlite320_mobilenet_v3_large": "backbone.features.0.0.0",
+    "fasterrcnn_mobilenet_v3_large_320_fpn": "backbone.body.0.0",
+}
 
 
 def build(name: str):
@@ -75,7 +87,9 @@ def _structure(detections) -> list:
     out = []
     for d in detections:
         n = d["boxes"].shape[0]
-        assert d["boxes"].shape == (n, 4) and d["scores"].shape == (n,) and d["labels"].shape == (n,)
+        assert (
+            d["boxes"].shape == (n, 4) and d["scores"].shape == (n,) and d["labels"].shape == (n,)
+        )
         out.append(sorted((k, v.dtype, v.dim()) for k, v in d.items()))
     return out
 
@@ -90,7 +104,8 @@ def test_detector_prunes_backbone_fpn_and_heads(name):
     assert gm.meta["fxslim_capture"]["kind"] == "run"
     cg = fxslim.analyze(gm)
     pinned = {g.root.module for g in cg.groups if not g.prunable}
-    assert pinned <= {*outputs, FIRST_CONV[name]}, pinned  # the input's RGB and the output layers only
+    # pinned: the input's RGB and the output layers only
+    assert pinned <= {*outputs, FIRST_CONV[name]}, pinned
     assert all("at '" in g.reason for g in cg.groups if not g.prunable)  # op and module path named
 
     # oracle 2 (dead channels) on every statistic-free prunable group at once
@@ -119,6 +134,9 @@ def test_detector_prunes_backbone_fpn_and_heads(name):
         assert small.roi_heads.box_head.fc6.in_features == 128 * 7 * 7
     else:
         assert small.head.classification_head.module_list[0][1].out_channels == 6 * 3  # whole
-        assert small.head.classification_head.module_list[0][1].in_channels < model.head.classification_head.module_list[0][1].in_channels
+        assert (
+            small.head.classification_head.module_list[0][1].in_channels
+            < model.head.classification_head.module_list[0][1].in_channels
+        )
     del model, gm, small
     gc.collect()
