@@ -34,13 +34,14 @@ import torch
 from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
+from torch.utils.flop_counter import FlopCounterMode
 
 from fxslim._inputs import ExampleInputs
 from fxslim.errors import TraceError
 from fxslim.graph import rules as R
 from fxslim.graph.shapes import _record
 
-__all__ = ["RUN_MODEL", "SPECIALISED", "UNUSED", "capture_run"]
+__all__ = ["FLOPS", "RUN_MODEL", "SPECIALISED", "UNUSED", "capture_run"]
 
 try:
     from torch.fx._lazy_graph_module import _LazyGraphModule as _GraphModuleClass
@@ -51,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 RUN_MODEL = "run_capture_model"  # gm.meta key: the module tree the run capture ran (shares tensors)
 UNUSED = "run_capture_unused"  # gm.meta key: names of the parameters the run never read
+FLOPS = "fxslim_flops"  # node.meta key: {ATen op: flops} the node's call ran (the cost model's input)
 SPECIALISED = (
     "the graph records one eager run on the example inputs: its sizes and the branches taken "
     "are those of that run (it feeds the analysis only; the pruned model is the user's classes)"
@@ -95,6 +97,8 @@ class _Recorder(TorchFunctionMode):
         self.stack: list[nn.Module] = []
         self.leaf: nn.Module | None = None  # inside a leaf module: its calls are not recorded
         self.quiet = False  # in a hook: fxslim's own tensor queries are not the model's calls
+        self.flops: FlopCounterMode | None = None
+        self.counted: dict[Any, int] = {}
 
     # -- nodes ------------------------------------------------------------------------
     def _module_stack(self) -> dict[str, tuple[str, str]]:
@@ -103,6 +107,12 @@ class _Recorder(TorchFunctionMode):
     def _node(self, op: str, target: Any, args: tuple, kwargs: dict, result: Any) -> fx.Node:
         node = self.graph.create_node(op, target, args, kwargs)
         node.meta["nn_module_stack"] = self._module_stack()
+        if self.flops is not None:  # what ran since the last node is this node's work
+            counts = self.flops.get_flop_counts().get("Global", {})
+            delta = {k: v - self.counted.get(k, 0) for k, v in counts.items() if v != self.counted.get(k, 0)}
+            if delta:
+                node.meta[FLOPS] = delta
+            self.counted = dict(counts)
         _record(node, result)
         self._bind(node, result)
         return node
@@ -226,7 +236,7 @@ def capture_run(root: nn.Module, inputs: ExampleInputs) -> fx.GraphModule:
     training = [m for m in root.modules() if m.training]
     root.eval()
     try:
-        with torch.no_grad(), rec:
+        with torch.no_grad(), FlopCounterMode(display=False) as rec.flops, rec:
             out = inputs.call(root)
     except Exception as exc:
         raise TraceError(

@@ -8,7 +8,8 @@ the plan: a Conv/Linear node, module or function form, by its weight's kept frac
 (MACs = weight size x output positions, grouped convs included), a matmul-like node
 (matmul, bmm, einsum) by the kept fraction of every distinct index set it touches, an attention op
 (`nn.MultiheadAttention`, torchvision's Swin window attention) by its projections'
-weight fraction and its attention part by the kept share of heads.
+weight fraction and its attention part by the kept share of heads. A run capture's
+nodes carry the counts of the run that recorded them (`fxslim.graph.run_capture.FLOPS`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fxslim._inputs import as_inputs
 from fxslim.graph.coupling import CouplingGraph, iter_spaces
+from fxslim.graph.run_capture import FLOPS, RUN_MODEL
 from fxslim.runtime.measure import no_mha_fastpath
 
 __all__ = ["CostModel"]
@@ -39,7 +41,8 @@ class CostModel:
     def __init__(self, gm: fx.GraphModule, cg: CouplingGraph, example_inputs: Any):
         self.gm, self.cg = gm, cg
         self.node_macs: dict[str, tuple[float, float]] = {}  # name -> (projection, attention) MACs
-        self.param_shapes = {k: tuple(p.shape) for k, p in gm.named_parameters()}
+        tree = gm.meta.get(RUN_MODEL, gm)  # a run capture's graph holds the parameters its run read
+        self.param_shapes = {k: tuple(p.shape) for k, p in tree.named_parameters()}
         self._measure(as_inputs(example_inputs).flat(gm))
         self.total_macs = sum(a + b for a, b in self.node_macs.values())
         self.total_params = sum(int(np.prod(s)) for s in self.param_shapes.values())
@@ -48,20 +51,27 @@ class CostModel:
         macs = self.node_macs
         attention = self.cg.builder.attention
 
+        def note(n: fx.Node, counts: Mapping[Any, int]) -> None:
+            total = sum(counts.values()) / 2
+            if total:
+                if n.name in attention:  # projections (mm) apart from the attention (bmm)
+                    proj = sum(v for k, v in counts.items() if "mm" in str(k) and "bmm" not in str(k)) / 2
+                    macs[n.name] = (proj, total - proj)
+                else:
+                    macs[n.name] = (total, 0.0)
+
+        if self.gm.meta.get("fxslim_capture", {}).get("kind") == "run":  # counted while it was recorded
+            for n in self.gm.graph.nodes:
+                note(n, n.meta.get(FLOPS, {}))
+            return
+
         class Count(fx.Interpreter):
             def run_node(self, n: fx.Node) -> Any:
                 if n.op not in ("call_module", "call_function", "call_method"):
                     return super().run_node(n)
                 with FlopCounterMode(display=False) as fc:
                     out = super().run_node(n)
-                counts = fc.get_flop_counts().get("Global", {})
-                total = sum(counts.values()) / 2
-                if total:
-                    if n.name in attention:  # projections (mm) apart from the attention (bmm)
-                        proj = sum(v for k, v in counts.items() if "mm" in str(k) and "bmm" not in str(k)) / 2
-                        macs[n.name] = (proj, total - proj)
-                    else:
-                        macs[n.name] = (total, 0.0)
+                note(n, fc.get_flop_counts().get("Global", {}))
                 return out
 
         with torch.inference_mode(), no_mha_fastpath():

@@ -37,7 +37,7 @@ from fxslim.graph.trace import TRACE_OPTIONS, trace
 from fxslim.passes.base import Pass, PassResult
 from fxslim.passes.estimate import CostModel
 from fxslim.passes.importance import Importance, get_importance, l1_importance
-from fxslim.passes.prune import PrunePlan, apply_plan, make_plan
+from fxslim.passes.prune import PrunePlan, apply_plan, count_parameters, make_plan
 from fxslim.utils import gc_paused
 
 __all__ = [
@@ -306,7 +306,7 @@ class UniformPrunePass(Pass):
         if not plan.keep:
             return PassResult(gm, False, {"plan": plan})
         new = apply_plan(gm, self.cg, plan, self.example_inputs)
-        before = sum(p.numel() for p in gm.parameters())
+        before = count_parameters(gm)
         after = sum(p.numel() for p in new.parameters())
         logger.info("removed %d channels in %d groups", plan.n_removed, len(plan.removed))
         return PassResult(new, after != before, {"plan": plan, "params_before": before, "params_after": after})

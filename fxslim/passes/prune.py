@@ -32,6 +32,7 @@ from fxslim.errors import (
 )
 from fxslim.graph import rules as R
 from fxslim.graph.coupling import ChannelGroup, CouplingGraph, Member, where
+from fxslim.graph.run_capture import RUN_MODEL
 from fxslim.graph.shapes import propagate_shapes
 from fxslim.graph.trace import compile_now, copy_structure
 from fxslim.passes.base import Pass, PassResult
@@ -41,6 +42,7 @@ __all__ = [
     "PruneChannelsPass",
     "PrunePlan",
     "apply_plan",
+    "count_parameters",
     "find_member",
     "make_plan",
     "plan_record",
@@ -144,6 +146,13 @@ def find_recorded_group(cg: CouplingGraph, entry: dict[str, Any]) -> ChannelGrou
             and g.root.dim == entry["dim"]]
     n = entry.get("nth", 0)
     return same[n] if n < len(same) else None
+
+
+def count_parameters(m: nn.Module) -> int:
+    """Parameter count of a model, or of the tree a run capture ran (its graph holds only
+    the parameters the run read)."""
+    tree = m.meta.get(RUN_MODEL, m) if isinstance(m, fx.GraphModule) else m
+    return sum(p.numel() for p in tree.parameters())
 
 
 def _owner(modules: Mapping[str, nn.Module], target: str) -> tuple[nn.Module, str]:
@@ -362,7 +371,7 @@ class PruneChannelsPass(Pass):
                     f"(one unit: a conv group or an attention head); include them too"
                 )
         self.plan = make_plan(self.cg, removal)
-        before = sum(p.numel() for p in gm.parameters())
+        before = count_parameters(gm)
         new = apply_plan(gm, self.cg, self.plan, self.example_inputs)
         after = sum(p.numel() for p in new.parameters())
         return PassResult(new, before != after, {"plan": self.plan, "params_before": before, "params_after": after})

@@ -24,10 +24,10 @@ import torch
 from torch import fx, nn
 
 from fxslim._inputs import as_inputs
-from fxslim.errors import PassContractError
+from fxslim.errors import PassContractError, TraceError
 from fxslim.graph import rules as R
 from fxslim.graph.coupling import CouplingGraph
-from fxslim.graph.run_capture import RUN_MODEL
+from fxslim.graph.run_capture import RUN_MODEL, UNUSED
 from fxslim.graph.trace import _user_frame, copy_structure
 from fxslim.passes.keep_classes import _class_sync, _failing_module
 from fxslim.passes.prune import PrunePlan, _compose_keep, plan_record, slice_tensors
@@ -49,9 +49,18 @@ def apply_plan_to_classes(
     """`plan` applied to a copy of the run capture's module tree (see the module docstring).
 
     Raises:
+        TraceError: the run never read some parameters (their couplings are unknown).
         PassContractError: the sliced model does not run on the example inputs.
     """
     root = run_model(gm)
+    unused = gm.meta.get(UNUSED, [])
+    if unused and plan.keep:
+        raise TraceError(
+            f"the recorded run of {type(root).__name__} never read {len(unused)} parameters ({unused[:3]}"
+            f"{' ...' if len(unused) > 3 else ''}: a branch the example inputs did not take, or another "
+            "mode): their channels are coupled to nothing fxslim saw, so a prune could leave them the wrong "
+            "size. Give example inputs whose run reads every parameter."
+        )
     new = copy_structure(root)
     slice_tensors(new, plan, lambda mod: [R.sync_of(mod), _class_sync(mod)])
     record = {k: v for k, v in gm.meta.items() if k in ("fxslim_source", "fxslim_inputs")}

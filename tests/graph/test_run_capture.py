@@ -182,3 +182,27 @@ def test_a_forward_that_fails_is_a_trace_error():
 
     with pytest.raises(TraceError, match="fails on the example inputs"):
         fxslim.trace(Broken(), torch.randn(2, 3), capture="run")
+
+
+class Skipped(nn.Module):
+    """A block the example's run does not take: its conv is coupled to nothing recorded."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.block = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        y = self.stem(x)
+        if y.sum() > 1e9:  # never on the example
+            y = self.block(y)
+        return y.amax(dim=1)
+
+
+def test_a_branch_not_taken_is_named_and_refused():
+    torch.manual_seed(0)
+    model, x = Skipped().eval(), torch.randn(1, 3, 4, 4)
+    gm = fxslim.trace(model, x, capture="run")
+    assert gm.meta["run_capture_unused"] == ["block.weight", "block.bias"]
+    with pytest.raises(TraceError, match=r"never read 2 parameters \(\['block.weight'"):
+        fxslim.prune(model, x, ratio=0.5, capture="run")
