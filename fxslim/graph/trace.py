@@ -31,7 +31,7 @@ from fxslim.graph._guards import (
     snapshot_buffers,
 )
 from fxslim.graph.capture import capture_export, is_transformers_model
-from fxslim.graph.run_capture import SPECIALISED, capture_run
+from fxslim.graph.run_capture import SPECIALISED, UNUSED, capture_run
 from fxslim.graph.shapes import node_shapes, propagate_shapes
 from fxslim.utils import fxslim_meta, gc_paused
 
@@ -239,9 +239,9 @@ def _run(model: nn.Module, inputs: ExampleInputs, specs: list, share_weights: bo
     gm = capture_run(root, inputs)
     gm.training = model.training
     gm.meta["fxslim_opaque"] = {}
-    gm.meta["fxslim_source"] = fingerprint(model, gm)
+    gm.meta["fxslim_source"] = fingerprint(model, None)  # the recorded ops depend on the input's values
     gm.meta["fxslim_inputs"] = specs
-    gm.meta["fxslim_capture"] = {"kind": "run", "specialised": SPECIALISED}
+    gm.meta["fxslim_capture"] = {"kind": "run", "specialised": SPECIALISED, "unused": gm.meta[UNUSED]}
     return gm
 
 
@@ -341,8 +341,9 @@ _CARRIED = ("fxslim_source", "fxslim_inputs", "fxslim_history", "fxslim_keep")
 _CONSTANT = re.compile(r"^_tensor_constant\d+$")
 
 
-def fingerprint(model: nn.Module, gm: fx.GraphModule) -> str:
-    """sha256 of a model's architecture: module types, parameter/buffer shapes, graph ops."""
+def fingerprint(model: nn.Module, gm: fx.GraphModule | None) -> str:
+    """sha256 of a model's architecture: module types, parameter/buffer shapes, graph ops
+    (none for a run capture, whose ops depend on the input's values)."""
     parts, params, buffers, seen = [], [], [], set()
     for name, mod in model.named_modules():  # one walk; the order named_parameters/buffers use
         parts.append(f"m:{name}:{type(mod).__qualname__};")
@@ -353,7 +354,7 @@ def fingerprint(model: nn.Module, gm: fx.GraphModule) -> str:
                     seen.add((id(t), out is params))
                     out.append(f"t:{prefix}{k}:{tuple(t.shape)}:{t.dtype};")
     parts += params + buffers
-    for n in gm.graph.nodes:
+    for n in gm.graph.nodes if gm is not None else ():
         target = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
         if target.startswith("_tensor_constant"):
             target = _CONSTANT.sub("_tensor_constant", target)

@@ -275,12 +275,15 @@ def _as_classes(model: nn.Module, gm: fx.GraphModule, inputs: ExampleInputs, ten
     proven equal to it like at prune time, and holding exactly the saved tensors."""
     from fxslim.passes.keep_classes import keep_classes
 
-    was_training = model.training
-    try:
-        kept = keep_classes(model.eval(), gm, inputs)
-    finally:
-        model.train(was_training)
-    if kept is gm:
+    if not isinstance(gm, fx.GraphModule):  # replayed through a run capture: the classes already
+        kept = gm
+    else:
+        was_training = model.training
+        try:
+            kept = keep_classes(model.eval(), gm, inputs)
+        finally:
+            model.train(was_training)
+    if kept is gm and isinstance(gm, fx.GraphModule):
         raise SaveLoadError(
             f"the save holds {type(model).__name__} as its own classes, but the model given cannot be rebuilt "
             f"so: {gm.meta.get('fxslim_form_reason')}"

@@ -118,7 +118,7 @@ def test_run_capture_pins_data_dependent_ops_by_name_and_path():
     assert {"stem.0.weight", "proj.weight"} <= prunable
 
 
-def test_run_capture_prune_is_the_users_class_and_proven():
+def test_run_capture_prune_is_the_users_class_and_proven(tmp_path):
     model, x = _model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     gm = fxslim.trace(model, x, capture="run", share_weights=True)
@@ -146,6 +146,12 @@ def test_run_capture_prune_is_the_users_class_and_proven():
     with torch.no_grad():
         out = small([torch.randn(3, 20, 16)])  # its own class: any size runs
     assert out[0]["width_profile"].shape == (16,)
+    fxslim.save(small, tmp_path / "small")  # oracle 4: the history replays through a run capture
+    loaded = fxslim.load(tmp_path / "small", Picker().eval())
+    with torch.no_grad():
+        assert type(loaded) is Picker and torch.equal(
+            loaded(*x)[1]["width_profile"], small(*x)[1]["width_profile"]
+        )
     again = fxslim.prune(small, x, ratio=0.5, ignore=["head"], capture="run")  # prunes again
     assert isinstance(again, Picker) and again.proj.out_channels == 6
     assert len(again.fxslim_meta["fxslim_history"]) == 2
