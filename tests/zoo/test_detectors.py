@@ -9,9 +9,11 @@ guards in the postprocessing), so fxslim records one eager run (`capture="run"`,
   (anchors x classes, anchors x box coordinates, read by the postprocessing's decoding,
   score thresholds and NMS, which have no rule): these stay whole, ignored or not;
 * dead-channel oracle on random channels of every prunable group: the outputs of the
-  raw heads are equal. For Faster R-CNN the detections are equal as well; SSDlite with
-  random weights gives near-equal scores for thousands of anchors, so float rounding
-  reorders its top-k and NMS: its detections are compared by structure, its heads by value;
+  raw heads (SSDlite's head; Faster R-CNN's RPN head and box predictor) are equal. The
+  detections themselves are compared by structure only: random weights give near-equal
+  scores to thousands of anchors and proposals, so float rounding (summing fewer zero
+  terms) can flip a top-k or NMS tie (seen: 1e-3 on Faster R-CNN with one thread, 1e-7
+  with two);
 * ratio 0.5 with the heads' output layers ignored: the result is the user's class
   (``SSD``, ``FasterRCNN``) with sliced tensors (slicing oracle) and consistent size
   attributes, keeps at most 40% of the MACs, and returns detections of the same structure.
@@ -57,8 +59,8 @@ MODELS = {
     "fasterrcnn_mobilenet_v3_large_320_fpn": (
         {"num_classes": 3, "min_size": 160, "max_size": 160, "box_score_thresh": 0.0},
         _RCNN_OUT,
-        ["", "rpn.head", "roi_heads.box_predictor"],
-    ),  # "": the detections themselves
+        ["rpn.head", "roi_heads.box_predictor"],
+    ),
 }
 FIRST_CONV = {
     "ssdlite320_mobilenet_v3_large": "backbone.features.0.0.0",
@@ -97,7 +99,6 @@ def _structure(detections) -> list:
 @pytest.mark.zoo
 @pytest.mark.parametrize("name", list(MODELS))
 def test_detector_prunes_backbone_fpn_and_heads(name):
-    torch.set_num_threads(2)
     model, x = build(name)
     _, outputs, compare_at = MODELS[name]
     gm = fxslim.trace(model, x, capture="run", share_weights=True)
