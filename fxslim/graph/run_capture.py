@@ -12,7 +12,8 @@ functions, ``torch.nn.functional``, Tensor methods and operators) as a node of a
   every node its ``nn_module_stack``, the user's module path);
 * a parameter or buffer is a ``get_attr`` node with the user's qualified name, so the
   function forms (``F.conv2d(x, weight, ...)``) find the module that owns it;
-* ``x.view(...)`` is ``call_method``; ``x + y``, ``x[i]`` are ``operator`` calls;
+* ``x.view(...)`` is ``call_method`` (``x + y`` reaches the mode as the method ``add``);
+  ``x[i]`` and the reflected operators (``2 - x``) are ``operator`` calls;
 * every other call (``nms``, ``nonzero``, box decoding, a tensor made from nothing) has no
   rule: the analysis pins what it touches, naming the op and the module path. Detector
   heads' output convs (anchors x classes, box coordinates) are pinned by these anyway.
@@ -52,7 +53,7 @@ logger = logging.getLogger(__name__)
 
 RUN_MODEL = "run_capture_model"  # gm.meta key: the module tree the run capture ran (shares tensors)
 UNUSED = "run_capture_unused"  # gm.meta key: names of the parameters the run never read
-FLOPS = "fxslim_flops"  # node.meta key: {ATen op: flops} the node's call ran (the cost model's input)
+FLOPS = "fxslim_flops"  # node.meta key: {ATen op: flops} its call ran (cost model input)
 SPECIALISED = (
     "the graph records one eager run on the example inputs: its sizes and the branches taken "
     "are those of that run (it feeds the analysis only; the pruned model is the user's classes)"
@@ -109,7 +110,11 @@ class _Recorder(TorchFunctionMode):
         node.meta["nn_module_stack"] = self._module_stack()
         if self.flops is not None:  # what ran since the last node is this node's work
             counts = self.flops.get_flop_counts().get("Global", {})
-            delta = {k: v - self.counted.get(k, 0) for k, v in counts.items() if v != self.counted.get(k, 0)}
+            delta = {
+                k: v - self.counted.get(k, 0)
+                for k, v in counts.items()
+                if v != self.counted.get(k, 0)
+            }
             if delta:
                 node.meta[FLOPS] = delta
             self.counted = dict(counts)
@@ -269,7 +274,8 @@ def capture_run(root: nn.Module, inputs: ExampleInputs) -> fx.GraphModule:
         }
     )
     logger.info(
-        "run capture of %s: %d nodes, %d ops with no rule (they pin what they touch): %s",
+        "run capture of %s (specialised to the example inputs): %d nodes, %d ops with no rule "
+        "(they pin what they touch): %s",
         type(root).__name__,
         len(graph.nodes),
         len(unknown),
