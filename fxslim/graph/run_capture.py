@@ -9,7 +9,8 @@ functions, ``torch.nn.functional``, Tensor methods and operators) as a node of a
 
 * a module whose type has a rule (``nn.Conv2d``, ``nn.BatchNorm2d`` ...) is one
   ``call_module`` node, as torch.fx keeps its leaves (module hooks find them and give
-  every node its ``nn_module_stack``, the user's module path);
+  every node its ``nn_module_stack``, the user's module path); one with hooks of the
+  user's is recorded call by call instead, so what its hooks compute is in the graph;
 * a parameter or buffer is a ``get_attr`` node with the user's qualified name, so the
   function forms (``F.conv2d(x, weight, ...)``) find the module that owns it;
 * ``x.view(...)`` is ``call_method`` (``x + y`` reaches the mode as the method ``add``);
@@ -88,9 +89,12 @@ def _is_leaf(mod: nn.Module) -> bool:
 class _Recorder(TorchFunctionMode):
     """Writes the calls of one forward into `graph` (see the module docstring)."""
 
-    def __init__(self, graph: fx.Graph, names: dict[int, str], paths: dict[int, str]):
+    def __init__(
+        self, graph: fx.Graph, names: dict[int, str], paths: dict[int, str], hooked: set[int]
+    ):
         super().__init__()
         self.graph, self.names, self.paths = graph, names, paths
+        self.hooked = hooked  # modules with the user's hooks: recorded call by call, hooks included
         self.env: dict[int, fx.Node] = {}  # id(tensor) -> the node that made it
         self.alive: list[torch.Tensor] = []  # every recorded tensor stays alive: ids are not reused
         self.attrs: dict[str, fx.Node] = {}
@@ -190,7 +194,7 @@ class _Recorder(TorchFunctionMode):
     # -- module hooks -----------------------------------------------------------------
     def pre_hook(self, mod: nn.Module, args: tuple, kwargs: dict) -> None:
         self.stack.append(mod)
-        if self.leaf is None and _is_leaf(mod):
+        if self.leaf is None and id(mod) not in self.hooked and _is_leaf(mod):
             self.quiet = True
             self.leaf_inputs = (self.arg(args), self.arg(kwargs))
             self.quiet, self.leaf = False, mod
@@ -227,7 +231,8 @@ def capture_run(root: nn.Module, inputs: ExampleInputs) -> fx.GraphModule:
         for name, t in table:
             names.setdefault(id(t), name)
     paths = {id(m): p for p, m in root.named_modules(remove_duplicate=False)}
-    rec = _Recorder(graph, names, paths)
+    hooked = {id(m) for m in root.modules() if m._forward_hooks or m._forward_pre_hooks}
+    rec = _Recorder(graph, names, paths, hooked)
     flat, _ = pytree.tree_flatten((inputs.args, inputs.kwargs))
     for i, t in enumerate(flat):
         if isinstance(t, torch.Tensor):

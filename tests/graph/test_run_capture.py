@@ -212,3 +212,19 @@ def test_a_branch_not_taken_is_named_and_refused():
     assert gm.meta["run_capture_unused"] == ["block.weight", "block.bias"]
     with pytest.raises(TraceError, match=r"never read 2 parameters \(\['block.weight'"):
         fxslim.prune(model, x, ratio=0.5, capture="run")
+
+
+def test_a_users_hook_is_recorded_not_hidden_in_a_leaf():
+    """A forward hook that reverses a conv's channels: its flip has no rule, so the conv's
+    channels are pinned (a leaf would have hidden the flip and coupled them as they were)."""
+    torch.manual_seed(0)
+    model, x = Writer().eval(), torch.randn(2, 3, 4, 4)
+    assert analyze(fxslim.trace(model, x, capture="run")).group_of("b.weight", 0).prunable
+    model.b.register_forward_hook(lambda m, a, out: out.flip(1))
+    gm = fxslim.trace(model, x, capture="run")
+    assert any(n.target == "flip" for n in gm.graph.nodes)
+    out = analyze(gm).group_of("b.weight", 0)
+    assert not out.prunable and "flip" in out.reason and "'b'" in out.reason
+    assert (
+        not model.b._forward_pre_hooks and len(model.b._forward_hooks) == 1
+    )  # the user's hooks as they were

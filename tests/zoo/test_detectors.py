@@ -35,8 +35,7 @@ import fxslim
 from fxslim.passes.policy import uniform_removal
 from fxslim.passes.prune import apply_plan, make_plan
 from fxslim.passes.verify import dead_channel_check, slicing_mismatches
-from tests.zoo.test_timm_zoo import _attributes_agree
-from tests.zoo.zoo import _randomise_norms, random_removal
+from tests.zoo.zoo import _attributes_agree, _randomise_norms, random_removal
 
 torchvision = pytest.importorskip("torchvision")
 

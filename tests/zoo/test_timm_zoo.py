@@ -26,7 +26,7 @@ from fxslim.passes.policy import uniform_removal
 from fxslim.passes.prune import apply_plan, make_plan
 from fxslim.passes.verify import dead_channel_check, max_scaled_diff, slicing_mismatches
 from fxslim.runtime.measure import no_mha_fastpath
-from tests.zoo.zoo import _randomise_norms, random_removal
+from tests.zoo.zoo import _attributes_agree, _randomise_norms, random_removal
 
 timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
@@ -81,28 +81,6 @@ def build(name: str):
     _randomise_norms(model, 0)
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     return model, x, head, (leaves(model) if leaves else [])
-
-
-def _attributes_agree(model: nn.Module) -> list[str]:
-    """Modules whose size attributes disagree with their (sliced) parameters."""
-    bad = []
-    for path, m in model.named_modules():
-        if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed:
-            ok = m.out_channels == m.weight.shape[0] and m.in_channels == m.weight.shape[1] * m.groups
-        elif isinstance(m, nn.modules.batchnorm._NormBase):
-            t = m.weight if m.weight is not None else m.running_mean
-            ok = t is None or m.num_features == t.shape[0]
-        elif isinstance(m, nn.GroupNorm):
-            ok = m.weight is None or (m.num_channels == m.weight.shape[0] and m.num_channels % m.num_groups == 0)
-        elif isinstance(m, nn.LayerNorm):
-            ok = m.weight is None or tuple(m.normalized_shape) == tuple(m.weight.shape)
-        elif isinstance(m, nn.Linear):
-            ok = (m.out_features, m.in_features) == tuple(m.weight.shape)
-        else:
-            continue
-        if not ok:
-            bad.append(f"{path} ({type(m).__name__})")
-    return bad
 
 
 def _run_counting(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:

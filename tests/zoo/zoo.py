@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torchvision
+from torch import nn
 
 from tests.helpers import random_removal  # noqa: F401  (re-exported for the zoo tests)
 
@@ -55,3 +56,25 @@ def _randomise_norms(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.rand(p.shape, generator=g) + 0.5)
             elif p.dim() > 1 and not p.any():  # zero-initialised heads hide everything
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+
+
+def _attributes_agree(model: nn.Module) -> list[str]:
+    """Modules whose size attributes disagree with their (sliced) parameters."""
+    bad = []
+    for path, m in model.named_modules():
+        if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed:
+            ok = m.out_channels == m.weight.shape[0] and m.in_channels == m.weight.shape[1] * m.groups
+        elif isinstance(m, nn.modules.batchnorm._NormBase):
+            t = m.weight if m.weight is not None else m.running_mean
+            ok = t is None or m.num_features == t.shape[0]
+        elif isinstance(m, nn.GroupNorm):
+            ok = m.weight is None or (m.num_channels == m.weight.shape[0] and m.num_channels % m.num_groups == 0)
+        elif isinstance(m, nn.LayerNorm):
+            ok = m.weight is None or tuple(m.normalized_shape) == tuple(m.weight.shape)
+        elif isinstance(m, nn.Linear):
+            ok = (m.out_features, m.in_features) == tuple(m.weight.shape)
+        else:
+            continue
+        if not ok:
+            bad.append(f"{path} ({type(m).__name__})")
+    return bad
