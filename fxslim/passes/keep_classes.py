@@ -74,6 +74,14 @@ CLASS_SYNCS: dict[str, Callable[[nn.Module], None]] = {
     # v2: one logit scale per head
     "torchvision.models.swin_transformer.ShiftedWindowAttentionV2":
         lambda m: setattr(m, "num_heads", m.logit_scale.shape[0]),
+    # timm's Attention (ViT, DeiT, hybrids): qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim);
+    # heads go whole, so head_dim stays and the qkv rows give the head count
+    "timm.layers.attention.Attention": lambda m: (
+        setattr(m, "num_heads", m.qkv.weight.shape[0] // (3 * m.head_dim)),
+        setattr(m, "attn_dim", m.num_heads * m.head_dim)),
+    # timm's Swin: qkv(x).reshape(B_, N, 3, self.num_heads, -1); one bias-table column per head
+    "timm.models.swin_transformer.WindowAttention":
+        lambda m: setattr(m, "num_heads", m.relative_position_bias_table.shape[1]),
     # q.reshape(B, G, P, self.n_heads, self.head_dim): a bias-table column per head, q/k/v rows per head dim
     "torchvision.models.maxvit.RelativePositionalMultiHeadAttention": lambda m: (
         setattr(m, "n_heads", m.relative_position_bias_table.shape[-1]),
@@ -137,7 +145,8 @@ def rebuild_classes(model: nn.Module, pruned: fx.GraphModule) -> nn.Module:
         raise _Refused(f"{len(unused)} parameters are not used by the traced forward (e.g. '{unused[0]}': a branch "
                        "of another mode, such as an auxiliary head in training); their sizes cannot be checked")
     for path, mod in new.named_modules():
-        if id(mod) not in changed:
+        # a class sync reads tensors its children may hold (timm's Attention: qkv.weight), so it always runs
+        if id(mod) not in changed and _class_sync(mod) is None:
             continue
         syncs = [f for f in (R.sync_of(mod), _class_sync(mod)) if f is not None]
         try:
