@@ -19,6 +19,7 @@ failed one.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
 from typing import Any
 
@@ -66,6 +67,7 @@ def graph_mismatch(kept: nn.Module, pruned: fx.GraphModule, trace_options: Mappi
         if a.op == "call_module" and not _same_module(mods_a[a.target], mods_b[b.target]):
             return f"leaf module '{a.target}' differs"
         env[a] = b
+        env[b] = a  # both ways: a literal in the pruned graph may stand for a node of the copy
     return None
 
 
@@ -75,6 +77,11 @@ def _fetch(root: nn.Module, target: str) -> Any:
 
 
 def _same(a: Any, b: Any, env: dict[fx.Node, fx.Node]) -> bool:
+    if isinstance(b, fx.Node) and type(a) is int:
+        # the rewrite writes a static size read (``N`` of ``B, N, C = x.shape``) as the literal it
+        # had on the example; the class-kept copy still reads it: equal where the shapes are the example's
+        mine = env.get(b)
+        return mine is not None and _static_int(mine) == a
     if isinstance(a, fx.Node) or isinstance(b, fx.Node):
         return isinstance(a, fx.Node) and env.get(a) is b
     if type(a) is not type(b):
@@ -86,6 +93,22 @@ def _same(a: Any, b: Any, env: dict[fx.Node, fx.Node]) -> bool:
     if isinstance(a, slice):
         return _same((a.start, a.stop, a.step), (b.start, b.stop, b.step), env)
     return _equal(a, b)
+
+
+def _static_int(node: fx.Node) -> int | None:
+    """The value of ``x.shape[i]`` / ``x.size(i)`` from the recorded shapes, else None."""
+    from fxslim.graph.shapes import node_shapes
+
+    if node.op == "call_method" and node.target == "size" and len(node.args) == 2 \
+            and isinstance(node.args[0], fx.Node) and isinstance(node.args[1], int):
+        shape, i = node_shapes(node.args[0]), node.args[1]
+    elif node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], int) \
+            and isinstance(node.args[0], fx.Node) and node.args[0].op == "call_function" \
+            and node.args[0].target is getattr and node.args[0].args[1] == "shape":
+        shape, i = node_shapes(node.args[0].args[0]), node.args[1]
+    else:
+        return None
+    return shape[i] if isinstance(shape, tuple) and -len(shape) <= i < len(shape) else None
 
 
 def _equal(a: Any, b: Any) -> bool:
