@@ -25,6 +25,9 @@ MODELS = {
     "mobilenet_v2": "classifier.1",
     "densenet121": "classifier",
     "vit_b_16": "heads.head",
+    "efficientnet_b0": "classifier.1",
+    "swin_t": "head",
+    "deit_tiny_patch16_224": "head",  # timm
 }
 
 
@@ -40,6 +43,9 @@ def run_torch_pruning(model: torch.nn.Module, x: torch.Tensor, head: str) -> tor
     mha = [mm for mm in m.modules() if isinstance(mm, torch.nn.MultiheadAttention)]
     if mha:
         kw["num_heads"] = {mm: mm.num_heads for mm in mha}
+    qkv = {mm.qkv: mm.num_heads for mm in m.modules() if hasattr(mm, "qkv") and hasattr(mm, "num_heads")}
+    if qkv:  # timm attention and torchvision Swin: whole heads, as fxslim prunes them
+        kw.update(num_heads=qkv, prune_num_heads=True, prune_head_dims=False)
     pruner = tp.pruner.BasePruner(
         m, x, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=0.5,
         ignored_layers=[m.get_submodule(head)], **kw,
@@ -48,9 +54,17 @@ def run_torch_pruning(model: torch.nn.Module, x: torch.Tensor, head: str) -> tor
     return m
 
 
-def measure(name: str, repeats: int = 5) -> dict[str, float]:
+def build(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = torchvision.models.get_model(name).eval()
+    if name.startswith("deit"):
+        import timm
+
+        return timm.create_model(name, pretrained=False).eval()
+    return torchvision.models.get_model(name).eval()
+
+
+def measure(name: str, repeats: int = 5) -> dict[str, float]:
+    model = build(name)
     x = torch.randn(1, 3, 224, 224)
     head = MODELS[name]
     fx_t, tp_t = [], []

@@ -12,9 +12,8 @@ import copy
 
 import pytest
 import torch
-import torchvision
 
-from bench.prune_speed import MODELS, run_fxslim, run_torch_pruning
+from bench.prune_speed import MODELS, build, run_fxslim, run_torch_pruning
 
 pytest.importorskip("torch_pruning")
 
@@ -23,7 +22,7 @@ pytest.importorskip("torch_pruning")
 def case(request):
     torch.manual_seed(0)
     name = request.param
-    return name, torchvision.models.get_model(name).eval(), torch.randn(1, 3, 224, 224)
+    return name, build(name), torch.randn(1, 3, 224, 224)
 
 
 def test_fxslim(benchmark, case):

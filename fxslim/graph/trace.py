@@ -262,6 +262,23 @@ def _own_tensors(gm: fx.GraphModule) -> None:
 def _symbolic(model: nn.Module, specs: list, leaf_modules: tuple, leaf_paths: list,
               concrete_args: dict | None, autowrap_functions: Iterable, share_weights: bool) -> fx.GraphModule:
     """The torch.fx capture."""
+    root, graph, opaque = symbolic_graph(model, leaf_modules, leaf_paths, concrete_args, autowrap_functions,
+                                         share_weights)
+    name = type(model).__name__
+    gm = _graph_module(root, graph, name)
+    gm.training = model.training  # submodules are copies: each keeps its own mode
+    gm.meta["fxslim_opaque"] = opaque
+    gm.meta["fxslim_source"] = fingerprint(model, gm)
+    gm.meta["fxslim_inputs"] = specs
+    gm.meta["fxslim_capture"] = {"kind": "fx"}
+    return gm
+
+
+def symbolic_graph(model: nn.Module, leaf_modules: tuple = (), leaf_paths: Iterable[str] = (),
+                   concrete_args: dict | None = None, autowrap_functions: Iterable = (),
+                   share_weights: bool = True) -> tuple[nn.Module, fx.Graph, dict[str, str]]:
+    """torch.fx's graph of `model` as fxslim traces it: (the traced root copy, the graph,
+    the modules kept whole for their hooks)."""
     # torch.fx stores tensor constants (_tensor_constant0 ...) on the root it traces:
     # trace a copy so that the user's model stays exactly as it was
     root = copy_structure(model) if share_weights else _deepcopy(model)
@@ -297,14 +314,7 @@ def _symbolic(model: nn.Module, specs: list, leaf_modules: tuple, leaf_paths: li
             f"  at {_user_frame(exc)}\n"
             f"  Way out: {way_out}."
         ) from exc
-    name = type(model).__name__
-    gm = _graph_module(root, graph, name)
-    gm.training = model.training  # submodules are copies: each keeps its own mode
-    gm.meta["fxslim_opaque"] = opaque
-    gm.meta["fxslim_source"] = fingerprint(model, gm)
-    gm.meta["fxslim_inputs"] = specs
-    gm.meta["fxslim_capture"] = {"kind": "fx"}
-    return gm
+    return root, graph, opaque
 
 
 def _deepcopy(model: nn.Module) -> nn.Module:

@@ -17,9 +17,11 @@ the same pruned model out of the user's classes:
    and, for classes fx traces through, `CLASS_SYNCS` (torchvision ViT's ``hidden_dim``,
    Swin's and MaxViT's head counts). A Hugging Face `PreTrainedModel` is instead rebuilt
    from the config that builds the pruned shapes (`fxslim.passes.hf_classes`);
-4. prove it: run the class-kept copy and the pruned GraphModule on the example inputs
-   and on a second seeded input of the same shape; every output must agree
-   (``allclose``, rtol ``KEEP_RTOL``, atol ``KEEP_ATOL`` times the output's scale).
+4. prove it: a torch.fx capture traced again from the class-kept copy gives the pruned
+   graph node for node, with the same tensors and leaf modules (`_same_graph`); else
+   run the class-kept copy and the pruned GraphModule on the example inputs and on a
+   second seeded input of the same shape; every output must agree (``allclose``, rtol
+   ``KEEP_RTOL``, atol ``KEEP_ATOL`` times the output's scale).
 
 Where the proof fails the GraphModule is returned and the reason logged and kept in
 ``gm.meta["fxslim_form_reason"]``: a size written in the user's forward (``x.view(n,
@@ -38,7 +40,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -47,6 +49,7 @@ from torch import fx, nn
 from fxslim._inputs import ExampleInputs, as_inputs
 from fxslim.graph import rules as R
 from fxslim.graph.trace import _user_frame, copy_structure
+from fxslim.passes._same_graph import graph_mismatch
 from fxslim.passes.base import Pass, PassResult
 from fxslim.passes.verify import _flat
 from fxslim.utils import META_ATTR, fxslim_meta
@@ -71,6 +74,14 @@ CLASS_SYNCS: dict[str, Callable[[nn.Module], None]] = {
     # v2: one logit scale per head
     "torchvision.models.swin_transformer.ShiftedWindowAttentionV2":
         lambda m: setattr(m, "num_heads", m.logit_scale.shape[0]),
+    # timm's Attention (ViT, DeiT, hybrids): qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim);
+    # heads go whole, so head_dim stays and the qkv rows give the head count
+    "timm.layers.attention.Attention": lambda m: (
+        setattr(m, "num_heads", m.qkv.weight.shape[0] // (3 * m.head_dim)),
+        setattr(m, "attn_dim", m.num_heads * m.head_dim)),
+    # timm's Swin: qkv(x).reshape(B_, N, 3, self.num_heads, -1); one bias-table column per head
+    "timm.models.swin_transformer.WindowAttention":
+        lambda m: setattr(m, "num_heads", m.relative_position_bias_table.shape[1]),
     # q.reshape(B, G, P, self.n_heads, self.head_dim): a bias-table column per head, q/k/v rows per head dim
     "torchvision.models.maxvit.RelativePositionalMultiHeadAttention": lambda m: (
         setattr(m, "n_heads", m.relative_position_bias_table.shape[-1]),
@@ -134,7 +145,8 @@ def rebuild_classes(model: nn.Module, pruned: fx.GraphModule) -> nn.Module:
         raise _Refused(f"{len(unused)} parameters are not used by the traced forward (e.g. '{unused[0]}': a branch "
                        "of another mode, such as an auxiliary head in training); their sizes cannot be checked")
     for path, mod in new.named_modules():
-        if id(mod) not in changed:
+        # a class sync reads tensors its children may hold (timm's Attention: qkv.weight), so it always runs
+        if id(mod) not in changed and _class_sync(mod) is None:
             continue
         syncs = [f for f in (R.sync_of(mod), _class_sync(mod)) if f is not None]
         try:
@@ -216,13 +228,18 @@ def _prove(kept: nn.Module, pruned: fx.GraphModule, example_inputs: Any) -> None
                 b.copy_(saved)
 
 
-def keep_classes(model: nn.Module, pruned: fx.GraphModule, example_inputs: Any) -> nn.Module:
+def keep_classes(model: nn.Module, pruned: fx.GraphModule, example_inputs: Any,
+                 trace_options: Mapping[str, Any] | None = None) -> nn.Module:
     """The pruned model as the user's own classes where proven, else `pruned` itself.
 
     Args:
         model: the model that was traced and pruned (left untouched).
         pruned: the pruned GraphModule (`apply_plan`'s result); its tensors are reused.
         example_inputs: the inputs the model was traced with.
+        trace_options: the `fxslim.trace` options `pruned` was traced with, if known: with
+            them a torch.fx capture is proven by tracing the copy again and comparing
+            graphs (`fxslim.passes._same_graph`), cheaper than running it; otherwise, or
+            where the graphs differ, by running both.
 
     Returns:
         A copy of `model`'s classes with the pruned tensors and sizes (its record in
@@ -241,7 +258,10 @@ def keep_classes(model: nn.Module, pruned: fx.GraphModule, example_inputs: Any) 
         if _is_pretrained(model):
             kept = _rebuild_from_config(model, kept, pruned, example_inputs)
         else:
-            _prove(kept, pruned, example_inputs)
+            why = graph_mismatch(kept, pruned, trace_options)
+            if why is not None:
+                logger.debug("class-kept %s proven by running it (%s)", type(model).__name__, why)
+                _prove(kept, pruned, example_inputs)
     except _Refused as exc:
         reason = str(exc)
         pruned.meta["fxslim_form_reason"] = reason

@@ -396,7 +396,7 @@ def prune(
     crit = get_importance(importance) if importance is not None else l1_importance
     if callable(getattr(crit, "calibrate", None)):  # activation-aware: hooks on the user's own modules
         crit.calibrate(model)
-    finish = _finisher(model, example_inputs, keep_classes)
+    finish = _finisher(model, example_inputs, keep_classes, trace_kwargs)
     if target_latency is None and target_macs is None and target_params is None and not dry_run:
         return finish(_prune_once(model, example_inputs, policy, crit, trace_kwargs))  # no pricing needed
     gm = trace(model, example_inputs, share_weights=True, **trace_kwargs)
@@ -412,7 +412,8 @@ def prune(
     return finish(apply_plan(gm, cg, report.plan, example_inputs, inplace=True))
 
 
-def _finisher(model: nn.Module, example_inputs: Any, keep: bool) -> Callable[[fx.GraphModule], nn.Module]:
+def _finisher(model: nn.Module, example_inputs: Any, keep: bool,
+              trace_kwargs: Mapping[str, Any]) -> Callable[[fx.GraphModule], nn.Module]:
     """The last step of every prune: the user's classes back where proven (or not asked)."""
     if not isinstance(keep, bool):
         raise ArgumentError(f"keep_classes must be True or False, got {keep!r}")
@@ -420,7 +421,7 @@ def _finisher(model: nn.Module, example_inputs: Any, keep: bool) -> Callable[[fx
         return lambda gm: gm
     from fxslim.passes.keep_classes import keep_classes
 
-    return lambda gm: keep_classes(model, gm, example_inputs)
+    return lambda gm: keep_classes(model, gm, example_inputs, trace_kwargs)
 
 
 @gc_paused  # one collector pause over the four passes: survivors are scanned once, not per pass

@@ -422,4 +422,4 @@ def prune_channels(model: nn.Module, example_inputs: Any, request: Mapping[str, 
         return small
     from fxslim.passes.keep_classes import keep_classes as keep
 
-    return keep(model, small, example_inputs)
+    return keep(model, small, example_inputs, trace_kwargs)

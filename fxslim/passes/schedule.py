@@ -70,7 +70,7 @@ def prune_iteratively(
         kw = {"target_macs": rel} if target_macs is not None else {"target_params": rel}
         report = plan_prune(gm, cg, example_inputs, Policy(**policy), crit, **kw)
         pruned = apply_plan(gm, cg, report.plan, example_inputs, inplace=True)  # gm is this step's own
-        current = keep(current, pruned, example_inputs) if keep_classes else pruned
+        current = keep(current, pruned, example_inputs, {}) if keep_classes else pruned
         if callback is not None:
             out = callback(current, k)
             current = out if out is not None else current

@@ -98,6 +98,39 @@ def test_a_size_written_in_forward_falls_back_to_the_graph_with_the_reason(caplo
         assert small(X).shape == (2, 5)
 
 
+class Scaled(Net):
+    """Divides by a size its forward reads from a layer: not a channel dim, so the graph keeps the literal."""
+
+    def forward(self, x):
+        return super().forward(x) / self.body[1].out_channels
+
+
+def test_the_structural_proof_accepts_equal_graphs_and_catches_a_changed_size(caplog):
+    from fxslim.passes._same_graph import graph_mismatch
+    from fxslim.passes.keep_classes import rebuild_classes
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    gm = fxslim.prune(model, X, 0.5, keep_classes=False)
+    kept = rebuild_classes(model, gm)
+    assert graph_mismatch(kept, gm, {}) is None  # traced again: node for node the pruned graph
+    assert graph_mismatch(kept, gm, None) == "traced with custom options"  # options unknown: run it instead
+    kept.body[1].register_forward_hook(lambda *a: None)  # a hook the graph would not show
+    assert graph_mismatch(kept, gm, {}) is not None
+
+    # the forward divides by body[1].out_channels: the class-kept copy reads the synced (halved) size,
+    # the pruned graph the literal 32 the oracles proved. Structurally different, and by running it too.
+    model = Scaled().eval()
+    gm = fxslim.prune(model, X, 0.5, keep_classes=False)
+    why = graph_mismatch(rebuild_classes(model, gm), gm, {})
+    assert why is not None and "truediv" in why and "32" in why
+    with caplog.at_level(logging.WARNING, logger="fxslim.passes.keep_classes"):
+        small = fxslim.prune(model, X, 0.5)
+    assert isinstance(small, fx.GraphModule) and "output 0 differs from the pruned graph's" in caplog.text
+    with torch.inference_mode():
+        _close(small(X), gm(X))
+
+
 def test_modules_the_forward_never_runs_fall_back():
     class Aux(Net):
         def __init__(self):

@@ -144,3 +144,20 @@ def test_function_forms_leave_user_model_and_prune_via_public_api():
     with torch.inference_mode():
         assert again(x).shape == (1, 1000)
     assert again.get_submodule("stem.bn").running_var.shape == (8,)
+
+
+@pytest.mark.parametrize("name, attn", [("deit_tiny_patch16_224", "blocks.0.attn"),
+                                        ("swin_tiny_patch4_window7_224", "layers.0.blocks.0.attn")])
+def test_timm_attention_keeps_its_classes_with_fewer_heads(name, attn):
+    """prune's class-keeping default on timm attention: the head count follows the pruned qkv
+    (deit_tiny's 3 heads keep 2 at ratio 0.5), outputs equal the pruned graph's."""
+    model, x, head, _ = build(name)
+    gm = fxslim.prune(model, x, ratio=0.5, ignore=[head], keep_classes=False)
+    small = fxslim.prune(model, x, ratio=0.5, ignore=[head])
+    assert type(small) is type(model), fxslim.utils.fxslim_meta(gm).get("fxslim_form_reason")
+    before, after = model.get_submodule(attn), small.get_submodule(attn)
+    head_dim = before.qkv.weight.shape[0] // (3 * before.num_heads)  # heads go whole: head_dim stays
+    assert type(after) is type(before) and 0 < after.num_heads < before.num_heads
+    assert after.qkv.weight.shape[0] == 3 * after.num_heads * head_dim
+    with torch.inference_mode():
+        torch.testing.assert_close(small(x), gm(x), rtol=RTOL, atol=ATOL)
