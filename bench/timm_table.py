@@ -2,8 +2,8 @@
 and export to ONNX. Writes bench/TIMM.md.
 
 A family is a timm model module (``timm.list_modules()``: resnet, efficientnet,
-vision_transformer, ...). From each family the `per_family` models with the fewest
-parameters (counted on the meta device, no memory) are tried, random init, eval, batch 1
+vision_transformer, ...). From each family the `per_family` models whose names mark them
+smallest (atto, nano, tiny, small, b0 ..., then the shortest name) are tried, random init, eval, batch 1
 at 64 px where the model takes it (ViT-like models are built with ``img_size=64``), else at
 its configured input size. Each model gets `limit` seconds (SIGALRM); every stage that
 fails records its error type and first line. Stages:
@@ -54,22 +54,23 @@ def _alarm(signum, frame):
     raise _Timeout
 
 
+# name parts that mark the small variants, smallest first (building the models to count
+# parameters, even on the meta device, takes most of the time budget: names decide)
+_SMALL = ("atto", "femto", "pico", "nano", "xxxs", "xxs", "xs", "tiny", "mini", "small", "s", "t",
+          "b0", "lite0", "18", "050", "100", "b", "base")
+
+
+def _smallness(name: str) -> tuple[int, int, str]:
+    parts = name.replace("-", "_").replace(".", "_").split("_")
+    return min((_SMALL.index(p) for p in parts if p in _SMALL), default=len(_SMALL)), len(name), name
+
+
 def candidates(per_family: int) -> list[tuple[str, str]]:
-    """(family, model) pairs: the `per_family` smallest models of each timm module."""
+    """(family, model) pairs: the `per_family` likeliest-smallest models (by name) of each timm module."""
     import timm
 
-    pairs = []
-    for family in sorted(timm.list_modules()):
-        sizes = []
-        for name in timm.list_models(module=family):
-            try:
-                with torch.device("meta"):
-                    m = timm.create_model(name, pretrained=False)
-                sizes.append((sum(p.numel() for p in m.parameters()), name))
-            except Exception:  # noqa: BLE001, S112 - a model that does not build on meta: skip it here
-                continue
-        pairs += [(family, name) for _, name in sorted(sizes)[:per_family]]
-    return pairs
+    return [(family, name) for family in sorted(timm.list_modules())
+            for name in sorted(timm.list_models(module=family), key=_smallness)[:per_family]]
 
 
 def build(name: str) -> tuple[torch.nn.Module, torch.Tensor, str]:
