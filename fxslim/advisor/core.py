@@ -24,26 +24,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxslim import _args as A
 from fxslim.advisor import report
+from fxslim.advisor._checks import check_advise_args
 from fxslim.advisor.recipes import (
     Recipe,
     RecipeContext,
     RecipeOutput,
     choose_features,
-    default_recipes,
 )
 from fxslim.advisor.stats import pareto_front, recommend, rows_from_records
 from fxslim.advisor.store import Store, arch_key, measure_side_by_side
 from fxslim.errors import ArgumentError
 from fxslim.runtime.measure import count_macs, count_params
-from fxslim.runtime.train import _generators, check_training_args, evaluate
+from fxslim.runtime.train import _generators, evaluate
 
 __all__ = ["AdviseResult", "advise"]
 
 logger = logging.getLogger("fxslim.advise")
 
-KINDS = ("latency", "macs", "params")
 
 
 @dataclass
@@ -63,86 +61,6 @@ class AdviseResult:
 
     def __str__(self) -> str:
         return self.text
-
-
-def _check(
-    model,
-    train_data,
-    val_data,
-    targets,
-    target_kind,
-    budget,
-    seeds,
-    recipes,
-    features,
-    prune_options,
-    threads,
-    latency_runs,
-    lr,
-) -> tuple[list[float], list[int], list[Recipe], dict]:
-    A.check_module("model", model)
-    if val_data is None:
-        raise ArgumentError("val_data is required: the advisor measures every recipe on it")
-    A.positive_int("budget (training epochs)", budget)
-    check_training_args(model, train_data, val_data, budget, lr, 0.0, None, None, None)
-    if isinstance(targets, (int, float)):
-        targets = [targets]
-    if not isinstance(targets, Sequence) or isinstance(targets, str) or not targets:
-        raise ArgumentError(
-            f"targets must be a non-empty list of fractions in (0, 1), got {targets!r}"
-        )
-    targets = [A.fraction(f"targets[{i}]", t, zero=False) for i, t in enumerate(targets)]
-    if len(set(targets)) != len(targets):
-        raise ArgumentError(f"targets repeat a value: {targets}")
-    A.choice("target_kind", target_kind, KINDS)
-    if isinstance(seeds, int):
-        seeds = [seeds]
-    if (
-        not isinstance(seeds, Sequence)
-        or not seeds
-        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
-        or len(set(seeds)) != len(seeds)
-    ):
-        raise ArgumentError(f"seeds must be a non-empty list of distinct ints, got {seeds!r}")
-    recipes = default_recipes() if recipes is None else recipes
-    if (
-        not isinstance(recipes, Sequence)
-        or not recipes
-        or not all(isinstance(r, Recipe) for r in recipes)
-    ):
-        raise ArgumentError(
-            "recipes must be a non-empty list of fxslim.advisor.Recipe (default_recipes() to extend)"
-        )
-    names = [r.name for r in recipes]
-    for r in recipes:
-        if (
-            not isinstance(r.name, str)
-            or not r.name
-            or "/" in r.name
-            or r.name == "original"
-            or not callable(r.fn)
-        ):
-            raise ArgumentError(
-                f"recipe {r.name!r}: a name (not 'original', no '/') and a callable fn are needed"
-            )
-    if len(set(names)) != len(names):
-        raise ArgumentError(f"recipe names repeat: {names}")
-    if features is not None:
-        A.module_paths(model, features, "features")
-    if prune_options is not None and not isinstance(prune_options, dict):
-        raise ArgumentError(
-            f"prune_options must be a dict of fxslim.prune keywords, got {type(prune_options).__name__}"
-        )
-    bad = {"ratio", "target_macs", "target_params", "target_latency", "dry_run"} & set(
-        prune_options or {}
-    )
-    if bad:
-        raise ArgumentError(
-            f"prune_options: {sorted(bad)} are set by the advisor (targets=, target_kind=)"
-        )
-    A.positive_int("threads", threads)
-    A.positive_int("latency_runs", latency_runs)
-    return targets, list(seeds), list(recipes), dict(prune_options or {})
 
 
 def _count(data: Iterable) -> int:
@@ -220,7 +138,7 @@ def advise(
         >>> res = fxslim.advise(model, x, train, val, out_dir="advice", targets=[0.5, 0.25], budget=6)
         >>> print(res.recommendations[0]["text"])
     """
-    targets, seeds, recipes, options = _check(
+    targets, seeds, recipes, options = check_advise_args(
         model,
         train_data,
         val_data,
@@ -401,7 +319,7 @@ def _finish(
     rows.insert(0, ref)
     front = {"all": pareto_front(rows)}
     for t in targets:
-        idx = [i for i, r in enumerate(rows) if r["target"] == t or i == 0]
+        idx = [i for i, r in enumerate(rows) if r["target"] == t]
         front[f"{t:g}"] = [idx[j] for j in pareto_front([rows[i] for i in idx])]
     costs = {r.name: r.cost for r in recipes}
     recs = [recommend(rows, t, kind, costs, n_val, ref) for t in targets]

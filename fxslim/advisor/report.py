@@ -67,8 +67,11 @@ def text(
 ) -> str:
     seeds = max((len(r["seeds"]) for r in rows), default=0)
     lines = [
-        f"fxslim advise: {kind} targets, accuracy on {n_val} validation examples, mean over {seeds} seed(s); "
-        "latency: batch 1, median, each architecture timed side by side with the original",
+        (
+            f"fxslim advise: {kind} targets, accuracy on {n_val} validation examples, "
+            f"mean over {seeds} seed(s); latency: batch 1, median, each architecture timed "
+            "side by side with the original"
+        ),
         "",
         table(rows, front["all"]),
         "",

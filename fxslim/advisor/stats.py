@@ -16,8 +16,8 @@ Front: a row is on the front unless another row is both more accurate (mean accu
 and faster (measured torch latency); rows of one architecture share one latency
 measurement, so they tie on that axis and only a faster, more accurate row removes them.
 
-Recommendation, per target, among that target's rows on its front (the original is the
-reference, not a candidate): the most accurate row, then every row within noise of it;
+Recommendation, per target, among that target's rows on that target's front (the
+original is the reference, not a candidate): the most accurate row, then every row within noise of it;
 of those the cheapest recipe (its `cost`, then the mean measured training time).
 """
 
@@ -132,7 +132,7 @@ def recommend(
 ) -> dict[str, Any]:
     """The recommendation for one target: the chosen row, the rows within noise and the words."""
     mine = [r for r in rows if r["target"] == target]
-    front = [mine[i] for i in pareto_front([*mine, reference]) if i < len(mine)]
+    front = [mine[i] for i in pareto_front(mine)]
     best = max(front, key=lambda r: r["accuracy"])
     close, apart = [], []
     for r in front:
@@ -169,6 +169,8 @@ def recommend(
         r, d, se, _ = max(apart, key=lambda t: t[0]["accuracy"])
         err = _pts(se) if math.isfinite(se) else "-"
         why += f"; the closest beyond noise, {r['recipe']}, is {_pts(d)} ± {err} points behind {best['recipe']}"
+    if all(dominates(reference, r) for r in mine):
+        why += "; note: the original is both more accurate and faster than every row at this target"
     return {
         "target": target,
         "recipe": chosen["recipe"],
