@@ -43,7 +43,6 @@ __all__ = ["AdviseResult", "advise"]
 logger = logging.getLogger("fxslim.advise")
 
 
-
 @dataclass
 class AdviseResult:
     """The rows (one per target and recipe, plus the reference), the Pareto front (row

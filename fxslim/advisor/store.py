@@ -134,7 +134,10 @@ def measure_side_by_side(
         for key, m in models.items():
             path = onnx_dir / f"{key}.onnx"
             if not path.is_file():
-                export_onnx(m, example_inputs, path, overwrite=True)
+                # batch 1 is what is timed; onnxruntime folds and fuses the graph itself
+                export_onnx(
+                    m, example_inputs, path, overwrite=True, simplify=False, dynamic_batch=False
+                )
             paths[key] = path
     per = max(runs // rounds, 3)
     times: dict[str, dict[str, list[float]]] = {k: {"torch": [], "ort": []} for k in models}
