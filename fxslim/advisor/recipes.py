@@ -136,14 +136,15 @@ def thin_student(ctx: RecipeContext) -> RecipeOutput:
 
 def iterative(steps: int = 2) -> Callable[[RecipeContext], RecipeOutput]:
     """Prune in `steps` steps to the one-shot prune's MACs (params for a params target),
-    logit-distilling ``epochs // steps`` epochs after each step."""
+    logit-distilling after each step; the epochs are split over the steps (the same total)."""
 
     def run(ctx: RecipeContext) -> RecipeOutput:
         n = max(1, min(steps, ctx.epochs))
         out = RecipeOutput(ctx.teacher)
 
         def recover(model: nn.Module, k: int) -> nn.Module:
-            res = ctx.distill(model, epochs=max(1, ctx.epochs // n))
+            extra = 1 if k > n - ctx.epochs % n else 0  # the remainder goes to the last steps
+            res = ctx.distill(model, epochs=ctx.epochs // n + extra)
             done = len(out.history)
             out.history += [h | {"epoch": done + i, "step": k} for i, h in enumerate(res.history)]
             out.lrs.append(res.lr)
