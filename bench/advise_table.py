@@ -169,7 +169,9 @@ def render() -> str:
         "halve); every architecture timed side by side with the original, so the latency column",
         "measures the models, the load only in part. The advisor saw the train and validation",
         "splits only; the held-out test accuracy below is read afterwards from the models it",
-        "saved (per seed; the difference is paired by seed).",
+        "saved (per seed; the difference is paired by seed). The minutes are the first run's;",
+        "the tables below come from a second call on the same folders (every run resumed, the",
+        "latencies re-timed, the words from the 90%-of-the-original note added after the first).",
         "",
     ]
     for stem in ("digits", "mnist1d"):

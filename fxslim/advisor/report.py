@@ -69,7 +69,7 @@ def text(
     lines = [
         (
             f"fxslim advise: {kind} targets, accuracy on {n_val} validation examples, "
-            f"mean over {seeds} seed(s); latency: batch 1, median, each architecture timed "
+            f"mean over {seeds} seed(s); latency: on the example input, median, each architecture timed "
             "side by side with the original"
         ),
         "",
@@ -150,7 +150,7 @@ def plots(
     if trained:  # untrained pruned models near chance would squash the interesting part
         lo = min(100 * r["accuracy"] for r in trained)
         ax.set_ylim(max(0.0, lo - 1.5), min(100.5, max(100 * r["accuracy"] for r in rows) + 0.8))
-    ax.set_xlabel("torch latency, ms (batch 1, median)")
+    ax.set_xlabel("torch latency, ms (the example input, median)")
     ax.set_ylabel("validation accuracy %")
     ax.set_title("accuracy against measured latency (mean ± s.e. over seeds)")
     ax.legend(fontsize=7, loc="lower right")

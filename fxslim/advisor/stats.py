@@ -18,7 +18,9 @@ measurement, so they tie on that axis and only a faster, more accurate row remov
 
 Recommendation, per target, among that target's rows on that target's front (the
 original is the reference, not a candidate): the most accurate row, then every row within noise of it;
-of those the cheapest recipe (its `cost`, then the mean measured training time).
+of those the cheapest recipe (its `cost`, then the mean measured training time). When
+even the best keeps under 90% of the original's accuracy, the words say the target is too
+far for the budget.
 """
 
 from __future__ import annotations
@@ -169,6 +171,11 @@ def recommend(
         r, d, se, _ = max(apart, key=lambda t: t[0]["accuracy"])
         err = _pts(se) if math.isfinite(se) else "-"
         why += f"; the closest beyond noise, {r['recipe']}, is {_pts(d)} ± {err} points behind {best['recipe']}"
+    if best["accuracy"] < 0.9 * reference["accuracy"]:
+        why += (
+            "; no recipe keeps 90% of the original's accuracy here: this target is too far for "
+            "this budget (more epochs, or a milder target)"
+        )
     if all(dominates(reference, r) for r in mine):
         why += "; note: the original is both more accurate and faster than every row at this target"
     return {

@@ -31,15 +31,17 @@ def blobs(n: int, seed: int, classes: int = 3) -> TensorDataset:
     x = torch.randn(n, 1, 8, 8, generator=g) * 0.8
     for c in range(classes):
         r, q = divmod(c, 2)
-        x[y == c, :, 4 * r:4 * r + 4, 4 * q:4 * q + 4] += 1.5
+        x[y == c, :, 4 * r : 4 * r + 4, 4 * q : 4 * q + 4] += 1.5
     return TensorDataset(x, y)
 
 
 def loaders(seed: int = 0) -> tuple[DataLoader, DataLoader]:
     """(train, val): 96 training images in batches of 32 (shuffled by a seeded generator), 60 for validation."""
     g = torch.Generator().manual_seed(seed)
-    return (DataLoader(blobs(96, 1), batch_size=32, shuffle=True, generator=g),
-            DataLoader(blobs(60, 2), batch_size=64))
+    return (
+        DataLoader(blobs(96, 1), batch_size=32, shuffle=True, generator=g),
+        DataLoader(blobs(60, 2), batch_size=64),
+    )
 
 
 def small_digits() -> nn.Module:

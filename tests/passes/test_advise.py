@@ -50,8 +50,15 @@ def teacher():
 
 def _advise(teacher, out, recipes, **kw):
     train, val = loaders()
-    opts = dict(targets=[0.5], target_kind="macs", budget=2, seeds=SEEDS, lr=1e-2, onnx=False,
-                latency_runs=10)
+    opts = {
+        "targets": [0.5],
+        "target_kind": "macs",
+        "budget": 2,
+        "seeds": SEEDS,
+        "lr": 1e-2,
+        "onnx": False,
+        "latency_runs": 10,
+    }
     return fxslim.advise(teacher, X, train, val, out_dir=out, recipes=recipes, **(opts | kw))
 
 
@@ -76,14 +83,18 @@ def test_every_recipe_runs_and_rows_come_from_records(advised, teacher):
         assert row["accuracy_se"] == pytest.approx(statistics.stdev(accs) / math.sqrt(len(accs)))
         # the record is the saved model's measurement: reload it and measure again
         again = fxslim.load(res.out_dir / recs[0]["model"], TinyNet())
-        assert evaluate(again, val)["accuracy"] == pytest.approx(recs[0]["metrics"]["accuracy"], abs=1e-6)
+        assert evaluate(again, val)["accuracy"] == pytest.approx(
+            recs[0]["metrics"]["accuracy"], abs=1e-6
+        )
         assert row["params"] == fxslim.count_params(again) < fxslim.count_params(teacher)
         assert math.isfinite(row["torch_ms"]) and row["torch_ms"] > 0
     assert res.rows[0]["accuracy"] == pytest.approx(evaluate(teacher, val)["accuracy"])
     by = {r["recipe"]: r for r in res.rows}
     assert by["prune-only"]["train_seconds"] < by["fine-tune"]["train_seconds"]
     # one architecture per target for the one-shot recipes: one shared latency measurement
-    assert len({by[n]["torch_ms"] for n in ("prune-only", "fine-tune", "logit-kd", "feature-kd")}) == 1
+    assert (
+        len({by[n]["torch_ms"] for n in ("prune-only", "fine-tune", "logit-kd", "feature-kd")}) == 1
+    )
     for name in ("results.json", "results.md", "accuracy_latency.png", "training.png"):
         assert (res.out_dir / name).stat().st_size > 0
     saved = json.loads((res.out_dir / "results.json").read_text())
@@ -95,8 +106,11 @@ def _front_by_hand(rows):
     """Indices of rows that no other row beats on both accuracy and latency."""
     out = []
     for i, r in enumerate(rows):
-        beaten = any(s["accuracy"] > r["accuracy"] and s["torch_ms"] < r["torch_ms"]
-                     for j, s in enumerate(rows) if j != i)
+        beaten = any(
+            s["accuracy"] > r["accuracy"] and s["torch_ms"] < r["torch_ms"]
+            for j, s in enumerate(rows)
+            if j != i
+        )
         if not beaten:
             out.append(i)
     return out
@@ -107,7 +121,9 @@ def test_front_and_recommendation(advised):
     assert res.front["all"] == _front_by_hand(res.rows)
     # a constructed row beaten on both axes by a measured one is never on the front
     best = max(res.rows[1:], key=lambda r: r["accuracy"])
-    worse = dict(best, recipe="dominated", accuracy=best["accuracy"] - 0.1, torch_ms=best["torch_ms"] * 2)
+    worse = dict(
+        best, recipe="dominated", accuracy=best["accuracy"] - 0.1, torch_ms=best["torch_ms"] * 2
+    )
     rows = [*res.rows, worse]
     assert dominates(best, worse)
     assert len(rows) - 1 not in pareto_front(rows)
@@ -120,9 +136,17 @@ def test_front_and_recommendation(advised):
 
 
 def _row(name, accs, ms=1.0):
-    return {"target": 0.5, "recipe": name, "seeds": list(range(len(accs))), "accuracies": accs,
-            "accuracy": statistics.fmean(accs), "accuracy_se": 0.0, "torch_ms": ms, "train_seconds": 1.0,
-            "latency_ratio": 0.5}
+    return {
+        "target": 0.5,
+        "recipe": name,
+        "seeds": list(range(len(accs))),
+        "accuracies": accs,
+        "accuracy": statistics.fmean(accs),
+        "accuracy_se": 0.0,
+        "torch_ms": ms,
+        "train_seconds": 1.0,
+        "latency_ratio": 0.5,
+    }
 
 
 def test_recommendation_prefers_the_cheapest_within_noise():
@@ -139,7 +163,10 @@ def test_recommendation_prefers_the_cheapest_within_noise():
     assert rec["recipe"] == "logit-kd" and rec["within_noise"] == ["logit-kd"]
     assert "2.00 ± 0.00 points behind logit-kd" in rec["text"]
     # a row beaten on both axes is off the front, so never recommended even when cheaper
-    slow = [_row("fine-tune", [0.950, 0.960, 0.955], ms=1.5), _row("logit-kd", [0.953, 0.957, 0.958])]
+    slow = [
+        _row("fine-tune", [0.950, 0.960, 0.955], ms=1.5),
+        _row("logit-kd", [0.953, 0.957, 0.958]),
+    ]
     assert recommend(slow, 0.5, "latency", costs, 1000, ref)["recipe"] == "logit-kd"
 
 
@@ -154,15 +181,26 @@ def test_resume_skips_finished_runs(advised, teacher):
     assert calls == ["logit-kd"] and again.ran == 1
 
 
-@pytest.mark.parametrize("bad", [
-    {"targets": [1.5]}, {"targets": []}, {"target_kind": "flops"}, {"seeds": []}, {"budget": 0},
-    {"recipes": [Recipe("a", lambda c: None), Recipe("a", lambda c: None)]}, {"features": ["conv9"]},
-    {"prune_options": {"target_macs": 0.3}}, {"lr": "fast"},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"targets": [1.5]},
+        {"targets": []},
+        {"target_kind": "flops"},
+        {"seeds": []},
+        {"budget": 0},
+        {"recipes": [Recipe("a", lambda c: None), Recipe("a", lambda c: None)]},
+        {"features": ["conv9"]},
+        {"prune_options": {"target_macs": 0.3}},
+        {"lr": "fast"},
+    ],
+)
 def test_bad_input_fails_before_any_work(teacher, tmp_path, bad):
     out = tmp_path / "advice"
     with pytest.raises(ArgumentError):
-        _advise(teacher, out, bad.get("recipes"), **{k: v for k, v in bad.items() if k != "recipes"})
+        _advise(
+            teacher, out, bad.get("recipes"), **{k: v for k, v in bad.items() if k != "recipes"}
+        )
     assert not out.exists()
 
 
@@ -174,14 +212,37 @@ def test_foreign_folder_and_missing_val_refused(teacher, tmp_path):
         _advise(teacher, tmp_path, None)
     with pytest.raises(ArgumentError, match="val_data"):
         fxslim.advise(teacher, X, train, None, out_dir=tmp_path / "new")
-    assert mine.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert mine.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "notes.txt"
+    ]
 
 
 def test_cli_advise_on_digits(tmp_path):
     out = tmp_path / "advice"
-    argv = ["advise", "tests.passes.advise_models:small_digits", "--data", "digits", "--train-epochs", "1",
-            "--targets", "0.5", "--kind", "latency", "--epochs", "1", "--seeds", "0", "--lr", "0.01",
-            "--latency-runs", "10", "-o", str(out), "--json", "--quiet"]
+    argv = [
+        "advise",
+        "tests.passes.advise_models:small_digits",
+        "--data",
+        "digits",
+        "--train-epochs",
+        "1",
+        "--targets",
+        "0.5",
+        "--kind",
+        "latency",
+        "--epochs",
+        "1",
+        "--seeds",
+        "0",
+        "--lr",
+        "0.01",
+        "--latency-runs",
+        "10",
+        "-o",
+        str(out),
+        "--json",
+        "--quiet",
+    ]
     buf = io.StringIO()
     with redirect_stdout(buf):
         assert cli.main(argv) == 0
@@ -189,7 +250,12 @@ def test_cli_advise_on_digits(tmp_path):
     assert result["command"] == "advise" and result["ran"] == len(default_recipes())
     (rec,) = result["recommendations"]
     assert rec["recipe"] in {result["rows"][i]["recipe"] for i in result["front"]["0.5"]}
-    assert all(math.isfinite(r["ort_ms"]) for r in result["rows"])  # onnxruntime timed every architecture
-    assert json.loads((out / "results.json").read_text())["recommendations"] == result["recommendations"]
+    assert all(
+        math.isfinite(r["ort_ms"]) for r in result["rows"]
+    )  # onnxruntime timed every architecture
+    assert (
+        json.loads((out / "results.json").read_text())["recommendations"]
+        == result["recommendations"]
+    )
     with pytest.raises(SystemExit):  # a bad target is one line before any work
         cli.main(["advise", "digits", "--targets", "1.5", "-o", str(tmp_path / "x")])
