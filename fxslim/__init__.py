@@ -33,6 +33,7 @@ _LAZY = {
     "SpecError": "fxslim.errors",
     "TraceError": "fxslim.errors",
     "UnsupportedOpError": "fxslim.errors",
+    "advise": "fxslim.advisor.core",
     "analyze": "fxslim.graph.analysis",
     "apply_plan": "fxslim.passes.prune",
     "channel_groups": "fxslim.graph.analysis",
@@ -54,7 +55,7 @@ _LAZY = {
     "trace": "fxslim.graph.trace",
 }
 
-_SUBPACKAGES = ("graph", "passes", "runtime", "pipeline", "errors", "utils", "cli")
+_SUBPACKAGES = ("advisor", "graph", "passes", "runtime", "pipeline", "errors", "utils", "cli")
 
 __version__ = "0.1.0"
 
@@ -79,6 +80,7 @@ __all__ = [
     "SpecError",
     "TraceError",
     "UnsupportedOpError",
+    "advise",
     "analyze",
     "apply_plan",
     "channel_groups",

@@ -264,5 +264,44 @@ def cmd_report(args: argparse.Namespace) -> Result:
     return result, f"report: {out / 'report.html'} (and {out / 'report.md'})"
 
 
-COMMANDS = {"demo": cmd_demo, "groups": cmd_groups, "prune": cmd_prune, "run": cmd_run, "distill": cmd_distill,
+def cmd_advise(args: argparse.Namespace) -> Result:
+    from fxslim.advisor.store import Store
+    from fxslim.pipeline.specs import BUILTIN, resolve_data
+
+    out = Store.check(args.out)  # before any work
+    data = args.data or next((n for n in (args.model, args.arch) if n in BUILTIN), None)
+    if data is None:
+        raise ArgumentError("advise needs labelled data: give --data (digits, mnist1d or "
+                            "package.module:function returning (train_loader, val_loader))")
+    say = Progress(args.quiet)
+    model = _model(args, say)
+    x = _inputs(args) if args.shape or data not in BUILTIN else _example(BUILTIN[data][2])
+    train, val = resolve_data(data, seed=args.seed)
+    epochs = args.train_epochs if args.train_epochs is not None else (4 if args.model in BUILTIN else 0)
+    if epochs:
+        from fxslim.runtime.examples import fit
+
+        say(f"training the original for {epochs} epoch(s) on {data}")
+        model = fit(model, train, epochs=epochs, lr=3e-3, seed=args.seed, progress=not args.quiet)
+    import fxslim
+
+    res = fxslim.advise(model, x, train, val, out_dir=out, targets=args.targets, target_kind=args.kind,
+                        budget=args.epochs, seeds=args.seeds, lr=args.lr if args.lr is not None else "auto",
+                        prune_options={"ignore": args.ignore} if args.ignore else None, threads=args.threads,
+                        latency_runs=args.latency_runs, onnx=not args.no_onnx, progress=not args.quiet,
+                        log=None if args.quiet else say)
+    result = {"command": "advise", "out": str(out), "ran": res.ran, "resumed": res.skipped,
+              "recommendations": res.recommendations, "front": res.front, "rows": res.rows,
+              "files": [str(out / f) for f in ("results.json", "results.md", "accuracy_latency.png",
+                                               "training.png")]}
+    return result, f"{res.text}\n\nwritten to {out} (results.md, results.json, plots, models/)"
+
+
+def _example(shape: tuple[int, ...]) -> Any:
+    from fxslim.pipeline.specs import example_inputs
+
+    return example_inputs(shape)[0]
+
+
+COMMANDS = {"advise": cmd_advise, "demo": cmd_demo, "groups": cmd_groups, "prune": cmd_prune, "run": cmd_run, "distill": cmd_distill,
             "export": cmd_export, "bench": cmd_bench, "report": cmd_report}

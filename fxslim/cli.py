@@ -8,6 +8,7 @@
     fxslim bench   MODEL [MODEL ...] [--onnx FILE ...] [-o bench.json]
     fxslim report  BEFORE [AFTER ...] -o DIR
     fxslim run     examples/digits.yaml [--out runs/digits] [--dry-run]
+    fxslim advise  digits --targets 0.5 0.25 --kind latency --epochs 3 -o advice
 
 Every subcommand takes the pipeline's model specs and prints text, or with ``--json`` one
 JSON object on stdout (progress lines and bars go to stderr). distill / export / bench /
@@ -47,6 +48,9 @@ _EXAMPLES = {
     "report": "examples:\n"
               f"  fxslim report {_RUN}/01-finetune/model distilled/model --arch digits -o report\n"
               "  fxslim report torchvision:resnet18 small --arch torchvision:resnet18 --runs 20 -o report --json",
+    "advise": "examples:\n  fxslim advise digits --epochs 2 --seeds 0 1 -o advice-digits\n"
+              "  fxslim advise mnist1d --targets 0.5 0.25 --kind latency --epochs 6 --seeds 0 1 2 -o advice\n"
+              "  fxslim advise mypkg.nets:trained --data mypkg.data:loaders --kind macs -o advice --json",
     "run": "examples:\n  fxslim run examples/digits.yaml\n  fxslim run examples/digits.yaml --dry-run\n"
            "  fxslim run pipeline.toml --out runs/mine --json",
 }
@@ -114,6 +118,13 @@ def _spec(check: str):
 
 
 _model_spec, _data_spec = _spec("check_model_spec"), _spec("check_data_spec")
+
+
+def _target(text: str) -> float:
+    v = _ratio(text)
+    if v == 0.0:
+        raise argparse.ArgumentTypeError("0 is not a target: give a fraction in (0, 1)")
+    return v
 
 
 def _number(text: str) -> float:
@@ -233,7 +244,28 @@ def _build() -> argparse.ArgumentParser:
     u.add_argument("--dry-run", action="store_true", help="check the config and print each step's plan "
                    "(which steps would run, which are up to date); trains nothing")
     u.add_argument("--force", action="store_true", help="re-run every step even when up to date")
-    for q in (e, b):
+    a = command("advise", "prune, distil or both, and how far: every recipe at every target, measured "
+                "(table, Pareto front, recommendation, plots, saved models in DIR)")
+    model(a)
+    a.add_argument("--data", type=_data_spec, help="data spec: digits, mnist1d or package.module:function "
+                   "returning (train_loader, val_loader) (default: the built-in model's)")
+    a.add_argument("--targets", nargs="+", type=_target, default=[0.5, 0.25], metavar="F",
+                   help="fractions of the original's latency / MACs / params (default 0.5 0.25)")
+    a.add_argument("--kind", choices=["latency", "macs", "params"], default="latency",
+                   help="what the targets are fractions of (default latency, measured)")
+    a.add_argument("--epochs", type=_positive, default=3, help="training budget of every recipe (default 3)")
+    a.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="S", help="default 0 1 2")
+    a.add_argument("--train-epochs", type=_count, help="first train the original with labels for this many "
+                   "epochs (default: 4 for the untrained built-in models, else 0: the model is trained)")
+    a.add_argument("--lr", type=_number, help="one learning rate for every recipe (default: each recipe "
+                   "chooses its own by short trials)")
+    a.add_argument("--ignore", nargs="*", default=[], metavar="PATH", help="module paths whose output "
+                   "channels stay whole")
+    a.add_argument("--latency-runs", type=_positive, default=50, help="timed runs per architecture (default 50)")
+    a.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime export and latency")
+    a.add_argument("-o", "--out", required=True, metavar="DIR", help="the advisor's folder: new, empty, or an "
+                   "earlier advisor folder (finished runs are skipped)")
+    for q in (e, b, a):
         q.set_defaults(seed=0)
     return p
 

@@ -50,6 +50,7 @@ __all__ = [
     "kd_loss",
     "mix_teachers",
     "prune_and_distill",
+    "reinitialise",
     "thin_copy",
 ]
 
@@ -321,11 +322,17 @@ def thin_copy(teacher: nn.Module, example_inputs: Any, ratio: float = 0.5, **pru
     from fxslim.passes.policy import prune
 
     student = prune(teacher, example_inputs, ratio, importance="random", **prune_kwargs)
-    torch.manual_seed(prune_kwargs.get("seed", 0))
-    for m in student.modules():
-        if hasattr(m, "reset_parameters") and m is not student:
+    return reinitialise(student, prune_kwargs.get("seed", 0))
+
+
+def reinitialise(model: nn.Module, seed: int = 0) -> nn.Module:
+    """`model` with every submodule's parameters (and norm statistics) drawn afresh, in
+    place and seeded: the same architecture as a from-scratch student."""
+    torch.manual_seed(seed)
+    for m in model.modules():
+        if hasattr(m, "reset_parameters") and m is not model:
             m.reset_parameters()
-    return student
+    return model
 
 
 def prune_and_distill(
