@@ -1,0 +1,145 @@
+"""Importance of an LLM checkpoint's head and MLP groups, read one decoder layer at a time.
+
+The criteria are the in-memory ones (`fxslim.passes.importance.MagnitudeImportance`,
+`fxslim.passes.calibrated.WandaImportance` / `FLAPImportance`) called on the same channel
+groups; only where the weights come from differs. A group's members all lie in one
+decoder layer, so each layer's tensors are read from the shards, scored and dropped:
+
+* magnitude reads the layer's projection weights and scores them as they are stored;
+* activation-aware scores need each layer's inputs on calibration tokens. The tokens
+  are embedded once; then per layer, the layer is built from its meta twin with the
+  weights from the shards (in `dtype`: float32 by default, since CPUs without bf16
+  matrix units run bf16 matmuls far slower), the cached hidden states of every batch run
+  through it under the recording hooks (`fxslim.passes.calibrated.recording`), the
+  layer's groups are scored, and its outputs become the next layer's inputs. Each batch
+  sees the calls the whole model would make (positions, causal mask and rotary
+  embeddings from the model's own modules), so on a float32 checkpoint the statistics
+  equal those of the model in memory.
+
+Peak memory: one layer's weights plus the hidden states of all batches
+(tokens x hidden_size x 4 bytes, 64 MiB for 4096 tokens of a 4096-wide model).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxslim.errors import PlanMismatchError, UnsupportedOpError
+from fxslim.graph.coupling import ChannelGroup
+from fxslim.passes._shards import TensorEntry, read_tensor
+from fxslim.passes.calibrated import CalibratedImportance, finished, recording
+from fxslim.passes.llm_plan import DecoderGroups
+
+__all__ = ["calibrated_scores", "magnitude_scores"]
+
+Progress = Callable[[int], None]  # called with the layer just done
+
+
+class _Loaded:
+    """Tensors by parameter name, as criteria read them (``named_parameters``)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def named_parameters(self, remove_duplicate: bool = False) -> Iterable[tuple[str, torch.Tensor]]:
+        return iter(self.tensors.items())
+
+
+def _read(entries: Mapping[str, TensorEntry], name: str) -> torch.Tensor:
+    if name not in entries:
+        raise PlanMismatchError(f"the checkpoint has no tensor {name}, which its config's model has")
+    return read_tensor(entries[name])
+
+
+def _members(groups: Iterable[ChannelGroup]) -> list[str]:
+    return list(dict.fromkeys(m.target for g in groups for m in g.members if m.kind == "param"))
+
+
+def magnitude_scores(entries: Mapping[str, TensorEntry], dg: DecoderGroups, crit: Any,
+                     progress: Progress | None = None) -> dict[int, np.ndarray]:
+    """{group id: scores} of every head and MLP group, one layer's tensors in memory at a time."""
+    scores = {}
+    crit.reset()
+    for i, pair in enumerate(zip(dg.heads, dg.mlp)):
+        loaded = _Loaded({name: _read(entries, name) for name in _members(pair)})
+        for g in pair:
+            scores[g.id] = np.asarray(crit(loaded, g), dtype=np.float64)
+        crit.reset()  # the criterion's cache holds the layer's tensors
+        del loaded
+        if progress:
+            progress(i)
+    return scores
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    need = ("embed_tokens", "layers", "rotary_emb")
+    if base is None or not all(hasattr(base, a) for a in need):
+        raise UnsupportedOpError(f"{type(model).__name__}: activation-aware streaming runs Llama-shaped decoders "
+                                 f"(embed_tokens, layers, rotary_emb); use importance='magnitude'")
+    kinds = set(getattr(model.config, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"}:
+        raise UnsupportedOpError(f"{type(model).__name__} has {sorted(kinds)} attention layers: activation-aware "
+                                 "streaming runs full-attention layers only; use importance='magnitude'")
+    return base
+
+
+def _nested(prefix: str, i: int, layer: nn.Module) -> nn.Module:
+    """A root module under which `layer` has its full path (``model.layers.3``), so the
+    recorded statistics and parameter names are the ones the groups name."""
+    root = node = nn.Module()
+    *parents, last = prefix.split(".")
+    for p in parents:
+        child = nn.Module()
+        node.add_module(p, child)
+        node = child
+    node.add_module(last, nn.ModuleDict({str(i): layer}))
+    return root
+
+
+@torch.no_grad()  # not inference_mode: the criteria's caches read tensors' version counters
+def calibrated_scores(model: nn.Module, entries: Mapping[str, TensorEntry], dg: DecoderGroups,
+                      crit: CalibratedImportance, batches: list[torch.Tensor], dtype: torch.dtype = torch.float32,
+                      progress: Progress | None = None) -> dict[int, np.ndarray]:
+    """{group id: scores} from calibration token batches ((batch, seq) ids each), one
+    decoder layer in memory at a time (see the module docstring). `model` is the meta twin."""
+    from transformers.masking_utils import create_causal_mask
+
+    base = _decoder(model)
+    cfg = model.config
+    embed = base.embed_tokens
+    weight = _read(entries, f"{dg.prefix.rsplit('.', 1)[0]}.embed_tokens.weight").to(dtype)
+    rotary = type(base.rotary_emb)(config=cfg).to(dtype if dtype == torch.float64 else torch.float32)
+    hidden, calls = [], []
+    for ids in batches:
+        h = F.embedding(ids, weight, embed.padding_idx)
+        pos = torch.arange(ids.shape[1]).unsqueeze(0)
+        mask = create_causal_mask(config=cfg, inputs_embeds=h, attention_mask=None, cache=None, position_ids=pos)
+        hidden.append(h)
+        calls.append({"attention_mask": mask, "position_ids": pos, "position_embeddings": rotary(h, position_ids=pos)})
+    del weight
+    scores = {}
+    for i, pair in enumerate(zip(dg.heads, dg.mlp)):
+        layer = copy.deepcopy(base.layers[i])  # meta: no memory
+        path = f"{dg.prefix}.{i}."
+        state = {n: _read(entries, path + n).to(dtype) for n, _ in layer.named_parameters()}
+        layer.load_state_dict(state, assign=True)
+        del state
+        root = _nested(dg.prefix, i, layer.eval())
+        with recording(root) as raw:
+            hidden = [layer(h, **kw) for h, kw in zip(hidden, calls)]
+        crit.use_stats(root, finished(root, raw))
+        for g in pair:
+            scores[g.id] = np.asarray(crit(root, g), dtype=np.float64)
+        crit.reset()
+        del layer, root
+        if progress:
+            progress(i)
+    return scores
