@@ -29,9 +29,18 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 _CHUNK = 64 << 20  # bytes per copy step of an unchanged tensor
 
-DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool}
+DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 NAMES = {v: k for k, v in DTYPES.items()}
 
 
@@ -52,10 +61,14 @@ def _header(path: Path) -> tuple[dict, int]:
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
             if n > 100 << 20:
-                raise SaveLoadError(f"{path}: a safetensors header of {n} bytes is not plausible (corrupt file?)")
+                raise SaveLoadError(
+                    f"{path}: a safetensors header of {n} bytes is not plausible (corrupt file?)"
+                )
             return json.loads(f.read(n)), 8 + n
     except (OSError, struct.error, ValueError) as exc:
-        raise SaveLoadError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
+        raise SaveLoadError(
+            f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def checkpoint_entries(folder: Path) -> tuple[dict[str, TensorEntry], list[str]]:
@@ -71,8 +84,10 @@ def checkpoint_entries(folder: Path) -> tuple[dict[str, TensorEntry], list[str]]
     elif (folder / SINGLE).is_file():
         files = [SINGLE]
     else:
-        raise SaveLoadError(f"{folder} holds no {SINGLE} or {INDEX}: give a Hugging Face checkpoint folder "
-                            "saved with safetensors (save_pretrained)")
+        raise SaveLoadError(
+            f"{folder} holds no {SINGLE} or {INDEX}: give a Hugging Face checkpoint folder "
+            "saved with safetensors (save_pretrained)"
+        )
     out: dict[str, TensorEntry] = {}
     for name in files:
         head, base = _header(folder / name)
@@ -80,9 +95,13 @@ def checkpoint_entries(folder: Path) -> tuple[dict[str, TensorEntry], list[str]]
             if key == "__metadata__":
                 continue
             if v["dtype"] not in DTYPES:
-                raise SaveLoadError(f"{folder / name}: tensor {key} has dtype {v['dtype']}, not one fxslim reads")
+                raise SaveLoadError(
+                    f"{folder / name}: tensor {key} has dtype {v['dtype']}, not one fxslim reads"
+                )
             b, e = v["data_offsets"]
-            out[key] = TensorEntry(key, folder / name, v["dtype"], tuple(v["shape"]), base + b, base + e)
+            out[key] = TensorEntry(
+                key, folder / name, v["dtype"], tuple(v["shape"]), base + b, base + e
+            )
     return out, files
 
 
@@ -102,7 +121,9 @@ def read_tensor(entry: TensorEntry, rows: slice | None = None) -> torch.Tensor:
         while got < nbytes:
             n = f.readinto(view[got:])
             if not n:
-                raise SaveLoadError(f"{entry.file} ends inside tensor {entry.name} (truncated file?)")
+                raise SaveLoadError(
+                    f"{entry.file} ends inside tensor {entry.name} (truncated file?)"
+                )
             got += n
     return out
 
@@ -122,7 +143,11 @@ class ShardWriter:
             n = DTYPES[dtype].itemsize
             for s in shape:
                 n *= s
-            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+            header[name] = {
+                "dtype": dtype,
+                "shape": list(shape),
+                "data_offsets": [offset, offset + n],
+            }
             self.sizes[name] = n
             offset += n
         blob = json.dumps(header, separators=(",", ":")).encode()
@@ -150,21 +175,27 @@ class ShardWriter:
         """Append tensor `name` as the unchanged bytes of `entry` (in chunks, never whole)."""
         n = self._expect(name)
         if n != entry.end - entry.start:
-            raise SaveLoadError(f"pass author: {name} has {entry.end - entry.start} bytes, its header says {n}")
+            raise SaveLoadError(
+                f"pass author: {name} has {entry.end - entry.start} bytes, its header says {n}"
+            )
         with open(entry.file, "rb", buffering=0) as src:
             src.seek(entry.start)
             left = n
             while left:
                 chunk = src.read(min(_CHUNK, left))
                 if not chunk:
-                    raise SaveLoadError(f"{entry.file} ends inside tensor {entry.name} (truncated file?)")
+                    raise SaveLoadError(
+                        f"{entry.file} ends inside tensor {entry.name} (truncated file?)"
+                    )
                 self.f.write(chunk)
                 left -= len(chunk)
 
     def close(self) -> None:
         """Finish the file (every tensor of the layout must have been written)."""
         if self.next != len(self.order):
-            raise SaveLoadError(f"pass author: shard closed after {self.next} of {len(self.order)} tensors")
+            raise SaveLoadError(
+                f"pass author: shard closed after {self.next} of {len(self.order)} tensors"
+            )
         self.f.flush()
         os.fsync(self.f.fileno())
         self.f.close()

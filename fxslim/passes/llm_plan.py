@@ -37,8 +37,15 @@ from fxslim.passes.hf_classes import ConfigMismatch, config_candidates
 from fxslim.passes.policy import Policy, allocate
 from fxslim.passes.prune import make_plan
 
-__all__ = ["DecoderGroups", "LLMPlan", "decoder_groups", "llm_overrides", "loadable_config", "make_llm_plan",
-           "meta_model"]
+__all__ = [
+    "DecoderGroups",
+    "LLMPlan",
+    "decoder_groups",
+    "llm_overrides",
+    "loadable_config",
+    "make_llm_plan",
+    "meta_model",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +62,17 @@ def meta_model(folder: Path) -> nn.Module:
         raw = json.loads(path.read_text())
         cfg = T.AutoConfig.from_pretrained(folder)
     except (OSError, ValueError, KeyError) as exc:
-        raise SaveLoadError(f"{path} is not a readable Hugging Face config ({type(exc).__name__}: {exc})") from exc
+        raise SaveLoadError(
+            f"{path} is not a readable Hugging Face config ({type(exc).__name__}: {exc})"
+        ) from exc
     try:
         with torch.device("meta"):
             model = T.AutoModelForCausalLM.from_config(cfg)
     except ValueError as exc:
-        raise UnsupportedOpError(f"{folder}: model_type {raw.get('model_type')!r} is not a causal LM transformers "
-                                 f"can build ({exc})") from exc
+        raise UnsupportedOpError(
+            f"{folder}: model_type {raw.get('model_type')!r} is not a causal LM transformers "
+            f"can build ({exc})"
+        ) from exc
     return model.eval()
 
 
@@ -77,7 +88,12 @@ class DecoderGroups:
 
 def _layer_of(group: ChannelGroup, suffix: str) -> tuple[str, int] | None:
     for m in group.members:
-        if m.kind == "param" and m.role == "in" and m.target.endswith(suffix) and (hit := _LAYER.match(m.target)):
+        if (
+            m.kind == "param"
+            and m.role == "in"
+            and m.target.endswith(suffix)
+            and (hit := _LAYER.match(m.target))
+        ):
             return hit.group(1), int(hit.group(2))
     return None
 
@@ -105,8 +121,11 @@ def decoder_groups(model: nn.Module) -> DecoderGroups:
             raise UnsupportedOpError(
                 f"{type(model).__name__}: no prunable {kind} group in decoder layer(s) {missing[:5]} (streamed "
                 "pruning expects Llama-shaped layers: self_attn.{q,k,v,o}_proj and mlp.{gate,up,down}_proj); "
-                "`fxslim groups` shows what the capture found")
-    return DecoderGroups(groups, [found["heads"][i] for i in range(n)], [found["mlp"][i] for i in range(n)], prefix)
+                "`fxslim groups` shows what the capture found"
+            )
+    return DecoderGroups(
+        groups, [found["heads"][i] for i in range(n)], [found["mlp"][i] for i in range(n)], prefix
+    )
 
 
 def llm_overrides(prefix: str, layers: int, heads: float, mlp: float) -> dict[str, float]:
@@ -164,7 +183,14 @@ def loadable_config(config: Any, target: dict[str, tuple[int, ...]]) -> Any:
     d = config.to_dict()
     if d.get("model_type") != "llama" or d.get("attention_bias") or d.get("mlp_bias"):
         raise PlanMismatchError(f"transformers refuses the pruned {type(config).__name__}: {why}")
-    for k in ("model_type", "architectures", "attention_bias", "mlp_bias", "pretraining_tp", "transformers_version"):
+    for k in (
+        "model_type",
+        "architectures",
+        "attention_bias",
+        "mlp_bias",
+        "pretraining_tp",
+        "transformers_version",
+    ):
         d.pop(k, None)
     new = T.MistralConfig(**d, sliding_window=None)
     new.architectures = ["MistralForCausalLM"]
@@ -172,10 +198,15 @@ def loadable_config(config: Any, target: dict[str, tuple[int, ...]]) -> Any:
         built = T.MistralForCausalLM(new)
     shapes = {k: tuple(v.shape) for k, v in built.state_dict().items()}
     if shapes != target or _refused(new):
-        raise PlanMismatchError(f"transformers refuses the pruned {type(config).__name__} ({why}) and no "
-                                "MistralConfig builds the same tensors")
-    logger.warning("transformers refuses the pruned LlamaConfig (%s): written as MistralForCausalLM, the same "
-                   "decoder (no biases, no sliding window), tensor for tensor", why)
+        raise PlanMismatchError(
+            f"transformers refuses the pruned {type(config).__name__} ({why}) and no "
+            "MistralConfig builds the same tensors"
+        )
+    logger.warning(
+        "transformers refuses the pruned LlamaConfig (%s): written as MistralForCausalLM, the same "
+        "decoder (no biases, no sliding window), tensor for tensor",
+        why,
+    )
     return new
 
 
@@ -184,8 +215,9 @@ class _Groups:
         self.groups = groups
 
 
-def make_llm_plan(model: nn.Module, dg: DecoderGroups, scores: dict[int, np.ndarray], heads: float,
-                  mlp: float) -> LLMPlan:
+def make_llm_plan(
+    model: nn.Module, dg: DecoderGroups, scores: dict[int, np.ndarray], heads: float, mlp: float
+) -> LLMPlan:
     """The plan from per-group `scores` (group id -> one score per unit)."""
     n = len(dg.heads)
     policy = Policy(ratio=0.0, overrides=llm_overrides(dg.prefix, n, heads, mlp), ignore=IGNORE)
@@ -202,6 +234,8 @@ def make_llm_plan(model: nn.Module, dg: DecoderGroups, scores: dict[int, np.ndar
         raise PlanMismatchError(f"the pruned {type(model).__name__} has no config: {exc}") from exc
     config = loadable_config(config, target)
     gone = plan.removed
-    rows = [(i, h.size, h.size - len(gone.get(h.id, ())), m.size, m.size - len(gone.get(m.id, ())))
-            for i, (h, m) in enumerate(zip(dg.heads, dg.mlp))]
+    rows = [
+        (i, h.size, h.size - len(gone.get(h.id, ())), m.size, m.size - len(gone.get(m.id, ())))
+        for i, (h, m) in enumerate(zip(dg.heads, dg.mlp))
+    ]
     return LLMPlan(keep, config, rows)

@@ -48,13 +48,17 @@ class _Loaded:
     def __init__(self, tensors: dict[str, torch.Tensor]):
         self.tensors = tensors
 
-    def named_parameters(self, remove_duplicate: bool = False) -> Iterable[tuple[str, torch.Tensor]]:
+    def named_parameters(
+        self, remove_duplicate: bool = False
+    ) -> Iterable[tuple[str, torch.Tensor]]:
         return iter(self.tensors.items())
 
 
 def _read(entries: Mapping[str, TensorEntry], name: str) -> torch.Tensor:
     if name not in entries:
-        raise PlanMismatchError(f"the checkpoint has no tensor {name}, which its config's model has")
+        raise PlanMismatchError(
+            f"the checkpoint has no tensor {name}, which its config's model has"
+        )
     return read_tensor(entries[name])
 
 
@@ -62,8 +66,12 @@ def _members(groups: Iterable[ChannelGroup]) -> list[str]:
     return list(dict.fromkeys(m.target for g in groups for m in g.members if m.kind == "param"))
 
 
-def magnitude_scores(entries: Mapping[str, TensorEntry], dg: DecoderGroups, crit: Any,
-                     progress: Progress | None = None) -> dict[int, np.ndarray]:
+def magnitude_scores(
+    entries: Mapping[str, TensorEntry],
+    dg: DecoderGroups,
+    crit: Any,
+    progress: Progress | None = None,
+) -> dict[int, np.ndarray]:
     """{group id: scores} of every head and MLP group, one layer's tensors in memory at a time."""
     scores = {}
     crit.reset()
@@ -82,12 +90,16 @@ def _decoder(model: nn.Module) -> nn.Module:
     base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
     need = ("embed_tokens", "layers", "rotary_emb")
     if base is None or not all(hasattr(base, a) for a in need):
-        raise UnsupportedOpError(f"{type(model).__name__}: activation-aware streaming runs Llama-shaped decoders "
-                                 f"(embed_tokens, layers, rotary_emb); use importance='magnitude'")
+        raise UnsupportedOpError(
+            f"{type(model).__name__}: activation-aware streaming runs Llama-shaped decoders "
+            f"(embed_tokens, layers, rotary_emb); use importance='magnitude'"
+        )
     kinds = set(getattr(model.config, "layer_types", None) or ["full_attention"])
     if kinds != {"full_attention"}:
-        raise UnsupportedOpError(f"{type(model).__name__} has {sorted(kinds)} attention layers: activation-aware "
-                                 "streaming runs full-attention layers only; use importance='magnitude'")
+        raise UnsupportedOpError(
+            f"{type(model).__name__} has {sorted(kinds)} attention layers: activation-aware "
+            "streaming runs full-attention layers only; use importance='magnitude'"
+        )
     return base
 
 
@@ -105,9 +117,15 @@ def _nested(prefix: str, i: int, layer: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()  # not inference_mode: the criteria's caches read tensors' version counters
-def calibrated_scores(model: nn.Module, entries: Mapping[str, TensorEntry], dg: DecoderGroups,
-                      crit: CalibratedImportance, batches: list[torch.Tensor], dtype: torch.dtype = torch.float32,
-                      progress: Progress | None = None) -> dict[int, np.ndarray]:
+def calibrated_scores(
+    model: nn.Module,
+    entries: Mapping[str, TensorEntry],
+    dg: DecoderGroups,
+    crit: CalibratedImportance,
+    batches: list[torch.Tensor],
+    dtype: torch.dtype = torch.float32,
+    progress: Progress | None = None,
+) -> dict[int, np.ndarray]:
     """{group id: scores} from calibration token batches ((batch, seq) ids each), one
     decoder layer in memory at a time (see the module docstring). `model` is the meta twin."""
     from transformers.masking_utils import create_causal_mask
@@ -116,14 +134,24 @@ def calibrated_scores(model: nn.Module, entries: Mapping[str, TensorEntry], dg: 
     cfg = model.config
     embed = base.embed_tokens
     weight = _read(entries, f"{dg.prefix.rsplit('.', 1)[0]}.embed_tokens.weight").to(dtype)
-    rotary = type(base.rotary_emb)(config=cfg).to(dtype if dtype == torch.float64 else torch.float32)
+    rotary = type(base.rotary_emb)(config=cfg).to(
+        dtype if dtype == torch.float64 else torch.float32
+    )
     hidden, calls = [], []
     for ids in batches:
         h = F.embedding(ids, weight, embed.padding_idx)
         pos = torch.arange(ids.shape[1]).unsqueeze(0)
-        mask = create_causal_mask(config=cfg, inputs_embeds=h, attention_mask=None, cache=None, position_ids=pos)
+        mask = create_causal_mask(
+            config=cfg, inputs_embeds=h, attention_mask=None, cache=None, position_ids=pos
+        )
         hidden.append(h)
-        calls.append({"attention_mask": mask, "position_ids": pos, "position_embeddings": rotary(h, position_ids=pos)})
+        calls.append(
+            {
+                "attention_mask": mask,
+                "position_ids": pos,
+                "position_embeddings": rotary(h, position_ids=pos),
+            }
+        )
     del weight
     scores = {}
     for i, pair in enumerate(zip(dg.heads, dg.mlp)):

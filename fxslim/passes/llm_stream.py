@@ -54,30 +54,45 @@ class LLMPruneReport:
     seconds: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"output": self.output, "params_before": self.params[0], "params_after": self.params[1],
-                "bytes_before": self.bytes[0], "bytes_after": self.bytes[1], "seconds": self.seconds,
-                "layers": [dict(zip(("layer", "kv_heads", "kv_heads_kept", "mlp", "mlp_kept"), r)) for r in self.rows]}
+        return {
+            "output": self.output,
+            "params_before": self.params[0],
+            "params_after": self.params[1],
+            "bytes_before": self.bytes[0],
+            "bytes_after": self.bytes[1],
+            "seconds": self.seconds,
+            "layers": [
+                dict(zip(("layer", "kv_heads", "kv_heads_kept", "mlp", "mlp_kept"), r))
+                for r in self.rows
+            ],
+        }
 
     def __str__(self) -> str:
         out = ["| layer | kv heads | kept | MLP channels | kept |", "|---|---|---|---|---|"]
         out += [f"| {i} | {h} | {hk} | {m} | {mk} |" for i, h, hk, m, mk in self.rows]
         p0, p1 = self.params
-        out.append(f"\nparams {p0 / 1e9:.3f}B -> {p1 / 1e9:.3f}B ({p1 / max(p0, 1):.3f}); "
-                   f"{self.bytes[1] / 2**30:.2f} GiB written to {self.output}; "
-                   + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items()))
+        out.append(
+            f"\nparams {p0 / 1e9:.3f}B -> {p1 / 1e9:.3f}B ({p1 / max(p0, 1):.3f}); "
+            f"{self.bytes[1] / 2**30:.2f} GiB written to {self.output}; "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
+        )
         return "\n".join(out)
 
 
 def _check_paths(checkpoint: Path, out: Path, overwrite: bool) -> None:
     if not checkpoint.is_dir() or not (checkpoint / "config.json").is_file():
-        raise ArgumentError(f"{checkpoint} is not a Hugging Face checkpoint folder (no config.json)")
+        raise ArgumentError(
+            f"{checkpoint} is not a Hugging Face checkpoint folder (no config.json)"
+        )
     if out.resolve() == checkpoint.resolve() or checkpoint.resolve() in out.resolve().parents:
         raise ArgumentError(f"the output {out} must lie outside the checkpoint {checkpoint}")
     if out.exists() and not out.is_dir():
         raise ArgumentError(f"the output {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ArgumentError(f"the output {out} exists and is not empty: give another folder or overwrite=True "
-                            "(--overwrite)")
+        raise ArgumentError(
+            f"the output {out} exists and is not empty: give another folder or overwrite=True "
+            "(--overwrite)"
+        )
 
 
 def _layout(entries: dict[str, S.TensorEntry], files: list[str], plan: LLMPlan) -> dict[str, list]:
@@ -87,8 +102,14 @@ def _layout(entries: dict[str, S.TensorEntry], files: list[str], plan: LLMPlan) 
     return per_file
 
 
-def write_pruned(checkpoint: Path, tmp: Path, entries: dict[str, S.TensorEntry], files: list[str], plan: LLMPlan,
-                 progress: Callable[[int], None] | None = None) -> int:
+def write_pruned(
+    checkpoint: Path,
+    tmp: Path,
+    entries: dict[str, S.TensorEntry],
+    files: list[str],
+    plan: LLMPlan,
+    progress: Callable[[int], None] | None = None,
+) -> int:
     """Write the pruned shards, config, index and the checkpoint's other files into `tmp`;
     returns the bytes of tensor data written."""
     weight_map, total = {}, 0
@@ -110,7 +131,11 @@ def write_pruned(checkpoint: Path, tmp: Path, entries: dict[str, S.TensorEntry],
         (tmp / S.INDEX).write_text(json.dumps(index, indent=2) + "\n")
     plan.config.save_pretrained(tmp)
     for p in sorted(checkpoint.iterdir()):
-        if p.is_file() and p.name not in ("config.json", S.INDEX) and not p.name.endswith(_WEIGHT_FILES):
+        if (
+            p.is_file()
+            and p.name not in ("config.json", S.INDEX)
+            and not p.name.endswith(_WEIGHT_FILES)
+        ):
             shutil.copy2(p, tmp / p.name)
     return total
 
@@ -124,10 +149,18 @@ def _criterion(importance: str) -> Any:
     return (WandaImportance if importance == "wanda" else FLAPImportance)([{}])
 
 
-def llm_prune(checkpoint: str | os.PathLike, out: str | os.PathLike, heads: float = 0.25, mlp: float = 0.5, *,
-              importance: str = "magnitude", calib: Iterable[torch.Tensor] | None = None,
-              dtype: torch.dtype = torch.float32, overwrite: bool = False,
-              progress: Callable[[str, int, int], None] | None = None) -> LLMPruneReport:
+def llm_prune(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    heads: float = 0.25,
+    mlp: float = 0.5,
+    *,
+    importance: str = "magnitude",
+    calib: Iterable[torch.Tensor] | None = None,
+    dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> LLMPruneReport:
     """Prune attention heads and MLP channels of a sharded safetensors checkpoint, streamed.
 
     Args:
@@ -159,13 +192,16 @@ def llm_prune(checkpoint: str | os.PathLike, out: str | os.PathLike, heads: floa
     if importance != "magnitude":
         batches = list(calib) if calib is not None else None
         if not batches or not all(isinstance(b, torch.Tensor) and b.dim() == 2 for b in batches):
-            raise ArgumentError(f"importance {importance!r} needs calib: a list of (batch, seq) token id tensors")
+            raise ArgumentError(
+                f"importance {importance!r} needs calib: a list of (batch, seq) token id tensors"
+            )
     entries, files = S.checkpoint_entries(checkpoint)
     times, t0 = {}, time.perf_counter()
     model = meta_model(checkpoint)
     dg = decoder_groups(model)
     n = len(dg.heads)
     times["capture"] = time.perf_counter() - t0
+
     def tick(stage: str, total: int) -> Callable[[int], None] | None:
         return (lambda i: progress(stage, i + 1, total)) if progress else None
 
@@ -185,7 +221,9 @@ def llm_prune(checkpoint: str | os.PathLike, out: str | os.PathLike, heads: floa
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    (tmp / INCOMPLETE).write_text("written by fxslim llm_prune; a folder holding this file is not complete\n")
+    (tmp / INCOMPLETE).write_text(
+        "written by fxslim llm_prune; a folder holding this file is not complete\n"
+    )
     try:
         written = write_pruned(checkpoint, tmp, entries, files, plan, tick("write", len(files)))
         (tmp / INCOMPLETE).unlink()
