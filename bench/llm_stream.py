@@ -2,7 +2,8 @@
 
 Not run in CI. For each shape (Llama-2-7B: 32 layers, hidden 4096, MLP 11008, 32 heads,
 vocabulary 32000; Llama-3-8B: the same with 8 key/value heads, MLP 14336, vocabulary
-128256) a checkpoint with random bf16 weights (normal, std 0.02; norms at 1) is written
+128256) a checkpoint with random bf16 weights (normal, std 0.02, cut from one pool of 2^26
+normals at random offsets; norms at 1) is written
 into shards of about 2 GB, tensor by tensor (never a whole model in memory), then pruned
 by `fxslim.passes.llm_stream.llm_prune` with 25% of the (key/value) heads and 50% of the
 MLP channels, (a) magnitude, (b) Wanda on 32 x 128 calibration tokens (random token
@@ -48,6 +49,20 @@ SHAPES = {
 SHARD_BYTES = 2 << 30
 
 
+_POOL = (1 << 26) + 15  # odd, not a multiple of 3, 7 or 43: no width divides it
+
+
+def _cut(pool: torch.Tensor, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+    out = torch.empty(shape, dtype=pool.dtype).view(-1)
+    at = 0
+    while at < out.numel():
+        start = int(torch.randint(0, len(pool), (1,), generator=g))
+        n = min(len(pool) - start, out.numel() - at)
+        out[at : at + n] = pool[start : start + n]
+        at += n
+    return out.view(shape)
+
+
 def write_checkpoint(folder: Path, shape: dict) -> int:
     """A random bf16 Llama checkpoint in shards, written one tensor at a time; returns its bytes."""
     import transformers as T
@@ -71,17 +86,20 @@ def write_checkpoint(folder: Path, shape: dict) -> int:
     shards.append(cur)
     folder.mkdir(parents=True)
     g = torch.Generator().manual_seed(0)
+    # drawing 7e9 normals costs minutes on two shared cores: tensors are cut from one pool
+    # of normals (a length prime to every width, so rows do not repeat) at random offsets
+    pool = torch.empty(_POOL).normal_(0, 0.02, generator=g).to(torch.bfloat16)
     weight_map, total = {}, 0
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         w = ShardWriter(folder / fname, [(n, "BF16", s) for n, s in shard])
         for name, s in shard:
             t = (
-                torch.ones(s)
+                torch.ones(s, dtype=torch.bfloat16)
                 if name.endswith("norm.weight")
-                else torch.empty(s).normal_(0, 0.02, generator=g)
+                else _cut(pool, s, g)
             )
-            w.write(name, t.to(torch.bfloat16))
+            w.write(name, t)
             weight_map[name] = fname
             del t
         w.close()

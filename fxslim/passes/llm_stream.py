@@ -34,7 +34,14 @@ from fxslim.passes import _shards as S
 from fxslim.passes.llm_plan import LLMPlan, decoder_groups, make_llm_plan, meta_model
 from fxslim.passes.prune import _slice
 
-__all__ = ["IMPORTANCES", "INCOMPLETE", "LLMPruneReport", "llm_prune", "write_pruned"]
+__all__ = [
+    "IMPORTANCES",
+    "INCOMPLETE",
+    "LLMPruneReport",
+    "calibration_ids",
+    "llm_prune",
+    "write_pruned",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +147,46 @@ def write_pruned(
     return total
 
 
+def calibration_ids(
+    checkpoint: str | os.PathLike,
+    text_file: str | os.PathLike | None = None,
+    n: int = 32,
+    seq_len: int = 128,
+    batch_size: int = 8,
+) -> list[torch.Tensor]:
+    """`n` windows of `seq_len` tokens, evenly spaced over a text, in batches of `batch_size`.
+
+    The text is `text_file`, else the built-in stdlib text (`fxslim.runtime.text`); it is
+    tokenized by the checkpoint's own tokenizer when the folder has one, else read as
+    bytes (token id = byte, for byte-level models).
+    """
+    from fxslim.runtime.text import stdlib_bytes
+
+    checkpoint = Path(checkpoint)
+    try:
+        raw = (
+            Path(text_file).read_bytes()
+            if text_file is not None
+            else bytes(stdlib_bytes("train").numpy())
+        )
+    except OSError as exc:
+        raise ArgumentError(f"cannot read the calibration text {text_file}: {exc}") from exc
+    if any((checkpoint / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(checkpoint)
+        ids = torch.tensor(tok(raw.decode("utf-8", "replace"))["input_ids"], dtype=torch.long)
+    else:
+        ids = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
+    if len(ids) < seq_len:
+        raise ArgumentError(
+            f"the calibration text has {len(ids)} tokens, fewer than one window of {seq_len}"
+        )
+    starts = torch.linspace(0, len(ids) - seq_len, n).long()
+    windows = torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+    return list(windows.split(batch_size))
+
+
 def _criterion(importance: str) -> Any:
     from fxslim.passes.calibrated import FLAPImportance, WandaImportance
     from fxslim.passes.importance import MagnitudeImportance
@@ -198,6 +245,10 @@ def llm_prune(
     entries, files = S.checkpoint_entries(checkpoint)
     times, t0 = {}, time.perf_counter()
     model = meta_model(checkpoint)
+    vocab = getattr(model.config, "vocab_size", None)
+    if batches and vocab and max(int(b.max()) for b in batches) >= vocab:
+        raise ArgumentError(f"calibration token ids reach {max(int(b.max()) for b in batches)}, beyond the "
+                            f"vocabulary of {vocab}: tokenize with the checkpoint's tokenizer")
     dg = decoder_groups(model)
     n = len(dg.heads)
     times["capture"] = time.perf_counter() - t0
