@@ -98,14 +98,23 @@ def _layer_of(group: ChannelGroup, suffix: str) -> tuple[str, int] | None:
     return None
 
 
+_CAPTURED: dict[tuple[str, str], list[ChannelGroup]] = {}  # a few recent captures, by class and config
+
+
 def decoder_groups(model: nn.Module) -> DecoderGroups:
-    """Capture the meta `model` and find each layer's head and MLP group.
+    """Capture the meta `model` and find each layer's head and MLP group (a capture
+    depends only on the class and config: the last few are kept for repeated runs).
 
     Raises:
         UnsupportedOpError: a layer lacks a prunable head or MLP group (the message says which).
     """
-    x = {"input_ids": torch.zeros(1, 8, dtype=torch.long, device="meta")}
-    groups = channel_groups(model, x)
+    key = (type(model).__name__, model.config.to_json_string())
+    groups = _CAPTURED.get(key)
+    if groups is None:
+        x = {"input_ids": torch.zeros(1, 8, dtype=torch.long, device="meta")}
+        groups = _CAPTURED[key] = channel_groups(model, x)
+        while len(_CAPTURED) > 4:
+            _CAPTURED.pop(next(iter(_CAPTURED)))
     n = model.config.num_hidden_layers
     found: dict[str, dict[int, ChannelGroup]] = {"heads": {}, "mlp": {}}
     prefix = None
