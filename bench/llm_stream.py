@@ -115,6 +115,7 @@ def child(args: argparse.Namespace) -> None:
     """One prune (in its own process): prints a JSON line with the report."""
     from fxslim.passes.llm_stream import llm_prune
 
+    torch.set_num_threads(args.threads[0])
     calib = None
     if args.case != "magnitude":
         g = torch.Generator().manual_seed(0)
@@ -129,7 +130,7 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({"wall": time.perf_counter() - t0, **rep.as_dict()}))
 
 
-def run_case(ckpt: Path, out: Path, case: str) -> dict:
+def run_case(ckpt: Path, out: Path, case: str, threads: int) -> dict:
     cmd = [
         sys.executable,
         "-m",
@@ -140,6 +141,8 @@ def run_case(ckpt: Path, out: Path, case: str) -> dict:
         str(ckpt),
         "--out",
         str(out),
+        "--threads",
+        str(threads),
     ]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
@@ -152,6 +155,7 @@ def run_case(ckpt: Path, out: Path, case: str) -> dict:
     return {
         "wall": wall,
         "rss_gib": usage.ru_maxrss / 2**20,
+        "cpu": usage.ru_utime + usage.ru_stime,
         **{k: rep[k] for k in ("seconds", "params_before", "params_after", "bytes_after")},
     }
 
@@ -163,6 +167,18 @@ def main() -> None:
     ap.add_argument(
         "--cases", nargs="+", default=["magnitude", "wanda"], choices=["magnitude", "wanda", "flap"]
     )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="torch threads per case (magnitude's "
+        "small chunked reductions only lose to a second thread on a shared box)",
+    )
+    ap.add_argument(
+        "--reuse", action="store_true", help="keep a checkpoint already written under --root"
+    )
+    ap.add_argument("--keep", action="store_true", help="leave the checkpoints (for --reuse)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--checkpoint", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -175,26 +191,31 @@ def main() -> None:
     try:
         for shape in args.shapes:
             ckpt = root / shape
-            shutil.rmtree(root, ignore_errors=True)
-            t0 = time.perf_counter()
-            size = write_checkpoint(ckpt, SHAPES[shape])
+            if args.reuse and (ckpt / "config.json").is_file():
+                size = json.loads((ckpt / "model.safetensors.index.json").read_text())["metadata"][
+                    "total_size"
+                ]
+            else:
+                shutil.rmtree(root, ignore_errors=True)
+                size = write_checkpoint(ckpt, SHAPES[shape])
             print(
-                f"{shape}: wrote {size / 2**30:.1f} GiB in {time.perf_counter() - t0:.0f} s",
+                f"{shape}: {size / 2**30:.1f} GiB checkpoint ready",
                 flush=True,
             )
-            for case in args.cases:
-                r = run_case(ckpt, root / f"{shape}-{case}", case)
+            for case, threads in zip(args.cases, args.threads):
+                r = run_case(ckpt, root / f"{shape}-{case}", case, threads)
                 rows.append((shape, case, size, r))
                 print(
-                    f"| {shape} | {case} | {size / 2**30:.1f} | {r['params_before'] / 1e9:.2f}B -> "
-                    f"{r['params_after'] / 1e9:.2f}B | {r['wall']:.0f} | {r['rss_gib']:.2f} | "
+                    f"| {shape} | {case} | {threads} | {size / 2**30:.1f} | {r['params_before'] / 1e9:.2f}B -> "
+                    f"{r['params_after'] / 1e9:.2f}B | {r['wall']:.0f} | {r['cpu']:.0f} | {r['rss_gib']:.2f} | "
                     + ", ".join(f"{k} {v:.0f}" for k, v in r["seconds"].items())
                     + " |",
                     flush=True,
                 )
                 shutil.rmtree(root / f"{shape}-{case}")
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

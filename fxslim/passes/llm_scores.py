@@ -132,14 +132,22 @@ def calibrated_scores(
 
     base = _decoder(model)
     cfg = model.config
-    embed = base.embed_tokens
-    weight = _read(entries, f"{dg.prefix.rsplit('.', 1)[0]}.embed_tokens.weight").to(dtype)
+    name = f"{dg.prefix.rsplit('.', 1)[0]}.embed_tokens.weight"
+    if name not in entries:
+        raise PlanMismatchError(
+            f"the checkpoint has no tensor {name}, which its config's model has"
+        )
+    # only the rows of the tokens that occur are read (a 128k vocabulary is 1 GiB in bf16):
+    # the lookup is a gather, so gathering from those rows gives the same hidden states
+    used, where = torch.unique(torch.cat([b.reshape(-1) for b in batches]), return_inverse=True)
+    rows = torch.cat([read_tensor(entries[name], slice(i, i + 1)) for i in used.tolist()]).to(dtype)
+    where = where.split([b.numel() for b in batches])
     rotary = type(base.rotary_emb)(config=cfg).to(
         dtype if dtype == torch.float64 else torch.float32
     )
     hidden, calls = [], []
-    for ids in batches:
-        h = F.embedding(ids, weight, embed.padding_idx)
+    for ids, at in zip(batches, where):
+        h = F.embedding(at.reshape(ids.shape), rows)
         pos = torch.arange(ids.shape[1]).unsqueeze(0)
         mask = create_causal_mask(
             config=cfg, inputs_embeds=h, attention_mask=None, cache=None, position_ids=pos
@@ -152,7 +160,7 @@ def calibrated_scores(
                 "position_embeddings": rotary(h, position_ids=pos),
             }
         )
-    del weight
+    del rows
     scores = {}
     for i, pair in enumerate(zip(dg.heads, dg.mlp)):
         layer = copy.deepcopy(base.layers[i])  # meta: no memory

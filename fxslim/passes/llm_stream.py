@@ -147,6 +147,12 @@ def write_pruned(
     return total
 
 
+def _discard(folder: Path) -> None:
+    """Remove a failed run's work folder (a killed run never gets here: its folder stays
+    hidden and marked incomplete)."""
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def calibration_ids(
     checkpoint: str | os.PathLike,
     text_file: str | os.PathLike | None = None,
@@ -246,9 +252,13 @@ def llm_prune(
     times, t0 = {}, time.perf_counter()
     model = meta_model(checkpoint)
     vocab = getattr(model.config, "vocab_size", None)
+    if batches and any(b.dtype.is_floating_point or int(b.min()) < 0 for b in batches):
+        raise ArgumentError("calibration batches must hold token ids (non-negative integers)")
     if batches and vocab and max(int(b.max()) for b in batches) >= vocab:
-        raise ArgumentError(f"calibration token ids reach {max(int(b.max()) for b in batches)}, beyond the "
-                            f"vocabulary of {vocab}: tokenize with the checkpoint's tokenizer")
+        raise ArgumentError(
+            f"calibration token ids reach {max(int(b.max()) for b in batches)}, beyond the "
+            f"vocabulary of {vocab}: tokenize with the checkpoint's tokenizer"
+        )
     dg = decoder_groups(model)
     n = len(dg.heads)
     times["capture"] = time.perf_counter() - t0
@@ -282,7 +292,7 @@ def llm_prune(
             shutil.rmtree(out)  # empty, or overwrite was asked
         os.replace(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard(tmp)
         raise
     times["write"] = time.perf_counter() - t0
     before = sum(e.end - e.start for e in entries.values())
