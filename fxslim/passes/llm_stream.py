@@ -79,11 +79,15 @@ class LLMPruneReport:
         out += [f"| {i} | {h} | {hk} | {m} | {mk} |" for i, h, hk, m, mk in self.rows]
         p0, p1 = self.params
         out.append(
-            f"\nparams {p0 / 1e9:.3f}B -> {p1 / 1e9:.3f}B ({p1 / max(p0, 1):.3f}); "
+            f"\nparams {_count(p0)} -> {_count(p1)} ({p1 / max(p0, 1):.3f}); "
             f"{self.bytes[1] / 2**30:.2f} GiB written to {self.output}; "
             + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
         )
         return "\n".join(out)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
 def _check_paths(checkpoint: Path, out: Path, overwrite: bool) -> None:
