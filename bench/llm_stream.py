@@ -124,8 +124,23 @@ def child(args: argparse.Namespace) -> None:
             torch.randint(0, vocab, (32, 128), generator=g).split(8)
         )  # 4 batches of 8 x 128
     t0 = time.perf_counter()
+
+    def progress(stage: str, done: int, total: int) -> None:  # per-layer times in the log
+        print(
+            f"  [{time.perf_counter() - t0:6.0f} s] {stage} {done}/{total}",
+            file=sys.stderr,
+            flush=True,
+        )
+
     rep = llm_prune(
-        args.checkpoint, args.out, 0.25, 0.5, importance=args.case, calib=calib, overwrite=True
+        args.checkpoint,
+        args.out,
+        0.25,
+        0.5,
+        importance=args.case,
+        calib=calib,
+        overwrite=True,
+        progress=progress,
     )
     print(json.dumps({"wall": time.perf_counter() - t0, **rep.as_dict()}))
 

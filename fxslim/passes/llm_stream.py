@@ -238,7 +238,7 @@ def llm_prune(
     Example:
         >>> print(llm_prune("llama-7b", "llama-7b-pruned", heads=0.25, mlp=0.5))
     """
-    from fxslim.passes.llm_scores import calibrated_scores, magnitude_scores
+    from fxslim.passes.llm_scores import calibrated_scores, magnitude_scores, trim_heap
 
     checkpoint, out = Path(checkpoint), Path(out)
     fraction("heads", heads)
@@ -266,6 +266,7 @@ def llm_prune(
     dg = decoder_groups(model)
     n = len(dg.heads)
     times["capture"] = time.perf_counter() - t0
+    trim_heap()  # the capture's graph is garbage now
 
     def tick(stage: str, total: int) -> Callable[[int], None] | None:
         return (lambda i: progress(stage, i + 1, total)) if progress else None
