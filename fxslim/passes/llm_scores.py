@@ -182,6 +182,10 @@ def calibrated_scores(
         root = _nested(dg.prefix, i, layer.eval())
         with recording(root) as raw:
             hidden = [layer(h, **kw) for h, kw in zip(hidden, calls)]
+        read = {m.target for g in pair for m in crit.members(g)}  # e.g. o_proj and down_proj only
+        for name, p in root.named_parameters():
+            if name not in read:
+                p.data = torch.empty(0, dtype=p.dtype)  # freed before the scores' float64 copies
         crit.use_stats(root, finished(root, raw))
         for g in pair:
             scores[g.id] = np.asarray(crit(root, g), dtype=np.float64)
