@@ -98,7 +98,8 @@ def _layer_of(group: ChannelGroup, suffix: str) -> tuple[str, int] | None:
     return None
 
 
-_CAPTURED: dict[tuple[str, str], list[ChannelGroup]] = {}  # a few recent captures, by class and config
+# a few recent captures, by class and config
+_CAPTURED: dict[tuple[str, str], list[ChannelGroup]] = {}
 
 
 def decoder_groups(model: nn.Module) -> DecoderGroups:
