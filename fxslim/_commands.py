@@ -147,6 +147,37 @@ def cmd_prune(args: argparse.Namespace) -> Result:
     return result, text
 
 
+def cmd_llm_prune(args: argparse.Namespace) -> Result:
+    from tqdm import tqdm
+
+    from fxslim.passes.llm_stream import calibration_ids, llm_prune
+
+    importance = args.importance or ("wanda" if args.calib else "magnitude")
+    calib = None
+    if importance != "magnitude":
+        n, seq = args.calib_tokens
+        calib = calibration_ids(args.checkpoint, args.calib, n=n, seq_len=seq)
+    bars: dict[str, Any] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if args.quiet:
+            return
+        bar = bars.get(stage)
+        if bar is None:
+            unit = "shard" if stage == "write" else "layer"
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit=unit, file=sys.stderr, leave=True)
+        bar.update(done - bar.n)
+        if done == total:
+            bar.close()
+
+    Progress(args.quiet)(f"planning {args.checkpoint} on the meta device ({importance} importance)")
+    report = llm_prune(args.checkpoint, args.out, args.heads, args.mlp, importance=importance, calib=calib,
+                       overwrite=args.force, progress=progress)
+    result = {"command": "llm-prune", "checkpoint": args.checkpoint, "heads": args.heads, "mlp": args.mlp,
+              "importance": importance, **report.as_dict()}
+    return result, str(report)
+
+
 def cmd_run(args: argparse.Namespace) -> Result:
     from fxslim.pipeline.config import load_config
 
@@ -303,5 +334,6 @@ def _example(shape: tuple[int, ...]) -> Any:
     return example_inputs(shape)[0]
 
 
-COMMANDS = {"advise": cmd_advise, "demo": cmd_demo, "groups": cmd_groups, "prune": cmd_prune, "run": cmd_run, "distill": cmd_distill,
-            "export": cmd_export, "bench": cmd_bench, "report": cmd_report}
+COMMANDS = {"advise": cmd_advise, "demo": cmd_demo, "groups": cmd_groups, "prune": cmd_prune, "run": cmd_run,
+            "distill": cmd_distill, "export": cmd_export, "bench": cmd_bench, "report": cmd_report,
+            "llm-prune": cmd_llm_prune}

@@ -9,6 +9,7 @@
     fxslim report  BEFORE [AFTER ...] -o DIR
     fxslim run     examples/digits.yaml [--out runs/digits] [--dry-run]
     fxslim advise  digits --targets 0.5 0.25 --kind latency --epochs 3 -o advice
+    fxslim llm-prune CHECKPOINT_DIR OUT_DIR --heads 0.25 --mlp 0.5 [--calib FILE]
 
 Every subcommand takes the pipeline's model specs and prints text, or with ``--json`` one
 JSON object on stdout (progress lines and bars go to stderr). distill / export / bench /
@@ -51,6 +52,8 @@ _EXAMPLES = {
     "advise": "examples:\n  fxslim advise digits --epochs 2 --seeds 0 1 -o advice-digits\n"
               "  fxslim advise mnist1d --targets 0.5 0.25 --kind latency --epochs 6 --seeds 0 1 2 -o advice\n"
               "  fxslim advise mypkg.nets:trained --data mypkg.data:loaders --kind macs -o advice --json",
+    "llm-prune": "examples:\n  fxslim llm-prune llama-2-7b llama-2-7b-pruned --heads 0.25 --mlp 0.5\n"
+                 "  fxslim llm-prune llama-2-7b pruned --calib wiki.txt --importance flap --json",
     "run": "examples:\n  fxslim run examples/digits.yaml\n  fxslim run examples/digits.yaml --dry-run\n"
            "  fxslim run pipeline.toml --out runs/mine --json",
 }
@@ -155,7 +158,8 @@ def _build() -> argparse.ArgumentParser:
     def command(name: str, help: str, threads: int | None = 1) -> argparse.ArgumentParser:
         q = sub.add_parser(name, help=help, description=help, epilog=_EXAMPLES[name],
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        default = f"default {threads}" if threads else "default: the config's `threads`, else 1"
+        default = (f"default {threads}" if threads else "default: the config's `threads`, else 1" if name == "run"
+                   else "default: torch's, every core")
         q.add_argument("--threads", type=_positive, default=threads,
                        help=f"torch intra-op threads for the whole command ({default}; "
                             "more threads than free cores is slower, not faster)")
@@ -265,6 +269,20 @@ def _build() -> argparse.ArgumentParser:
     a.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime export and latency")
     a.add_argument("-o", "--out", required=True, metavar="DIR", help="the advisor's folder: new, empty, or an "
                    "earlier advisor folder (finished runs are skipped)")
+    lp = command("llm-prune", "prune heads and MLP channels of a sharded LLM checkpoint, streamed tensor by tensor "
+                 "(a 7B model in a few GB of memory)", threads=None)
+    lp.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a Hugging Face checkpoint folder (config.json "
+                    "and safetensors shards)")
+    lp.add_argument("out", metavar="OUT_DIR", help="the pruned checkpoint's folder; it appears only once complete")
+    lp.add_argument("--heads", type=_ratio, default=0.25, help="share of (key/value) heads removed per layer")
+    lp.add_argument("--mlp", type=_ratio, default=0.5, help="share of MLP channels removed per layer")
+    lp.add_argument("--importance", choices=["magnitude", "wanda", "flap"], help="default: wanda with --calib, "
+                    "else magnitude")
+    lp.add_argument("--calib", metavar="FILE", help="calibration text for wanda/flap (default: the built-in "
+                    "stdlib text), tokenized by the checkpoint's tokenizer")
+    lp.add_argument("--calib-tokens", type=_shape, default=(32, 128), metavar="N,SEQ",
+                    help="calibration windows and their length (default 32,128)")
+    lp.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
     for q in (e, b, a):
         q.set_defaults(seed=0)
     return p
@@ -281,6 +299,18 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for spec in filter(None, specs):
         if check_model_spec(spec) == "saved" and not args.arch:
             p.error(f"'{spec}' is a saved fxslim directory: give --arch, the original architecture's spec")
+    if args.cmd == "llm-prune":
+        if not (Path(args.checkpoint) / "config.json").is_file():
+            p.error(f"'{args.checkpoint}' is not a Hugging Face checkpoint folder (no config.json)")
+        out = Path(args.out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+            p.error(f"'{args.out}' exists and is not an empty folder (give --force to replace it)")
+        if args.calib and not Path(args.calib).is_file():
+            p.error(f"--calib: '{args.calib}' is not a file")
+        if args.importance == "magnitude" and args.calib:
+            p.error("--calib is for --importance wanda or flap")
+        if len(args.calib_tokens) != 2:
+            p.error("--calib-tokens takes N,SEQ")
     if getattr(args, "onnx", None):
         if len(args.onnx) > len(args.model):
             p.error(f"--onnx: {len(args.onnx)} files for {len(args.model)} model(s)")

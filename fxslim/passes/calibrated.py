@@ -41,7 +41,8 @@ ops, not modules: pass the user's model, not the capture).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -54,7 +55,8 @@ from fxslim.errors import ArgumentError
 from fxslim.graph.coupling import Member
 from fxslim.passes.importance import Importance
 
-__all__ = ["CalibratedImportance", "FLAPImportance", "LMTaylorImportance", "WandaImportance", "record_inputs"]
+__all__ = ["CalibratedImportance", "FLAPImportance", "LMTaylorImportance", "WandaImportance", "finished", "record_inputs",
+           "recording"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,16 +81,13 @@ def _call(model: nn.Module, batch: Any) -> None:
         as_inputs(batch).call(model)
 
 
-@torch.inference_mode()
-def record_inputs(model: nn.Module, data: Iterable, batches: int | None = None) -> Stats:
-    """Per linear layer of `model` (by module path): (n, sum x_j, sum x_j^2) of its inputs.
-
-    Args:
-        model: the model (its train/eval flags are restored; it runs in eval mode).
-        data: batches: dicts of keyword inputs (``labels`` dropped), ``(inputs, labels)``
-            pairs, tensors or tuples of positional inputs.
-        batches: use at most this many.
-    """
+@contextmanager
+def recording(model: nn.Module) -> Iterator[dict[str, list]]:
+    """Hooks on every linear layer of `model` while inside: yields the running sums
+    ``{module path: [n, sum x_j, sum x_j^2]}`` that the forward passes run inside add to
+    (`finished` turns them into `Stats`). Used by `record_inputs`, and by callers that
+    drive the forward passes themselves (``fxslim.passes.llm_calib``: one decoder layer
+    at a time)."""
     stats: dict[str, list] = {}
     handles = []
     for path, mod in model.named_modules():
@@ -105,27 +104,48 @@ def record_inputs(model: nn.Module, data: Iterable, batches: int | None = None) 
             s[2] = s[2] + (x * x).sum(0)
 
         handles.append(mod.register_forward_pre_hook(hook))
-    modes = [(m, m.training) for m in model.modules()]
-    seen = 0
     try:
-        model.eval()
-        for batch in data:
-            if batches is not None and seen >= batches:
-                break
-            _call(model, batch)
-            seen += 1
+        yield stats
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes:
-            m.training = mode
-    if seen == 0:
-        raise ArgumentError("the calibration data is empty: give at least one batch")
+
+
+def finished(model: nn.Module, stats: dict[str, list]) -> Stats:
+    """`Stats` from the running sums of `recording` (an error when no linear layer ran)."""
     if not stats:
         raise ArgumentError(f"no linear layer of {type(model).__name__} ran on the calibration data: activation-aware "
                             "importance reads the inputs of nn.Linear / Conv1D layers through forward hooks "
                             "(a torch.export capture runs no modules: pass the user's model)")
     return {k: (int(v[0]), v[1], v[2]) for k, v in stats.items()}
+
+
+@torch.inference_mode()
+def record_inputs(model: nn.Module, data: Iterable, batches: int | None = None) -> Stats:
+    """Per linear layer of `model` (by module path): (n, sum x_j, sum x_j^2) of its inputs.
+
+    Args:
+        model: the model (its train/eval flags are restored; it runs in eval mode).
+        data: batches: dicts of keyword inputs (``labels`` dropped), ``(inputs, labels)``
+            pairs, tensors or tuples of positional inputs.
+        batches: use at most this many.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    seen = 0
+    with recording(model) as stats:
+        try:
+            model.eval()
+            for batch in data:
+                if batches is not None and seen >= batches:
+                    break
+                _call(model, batch)
+                seen += 1
+        finally:
+            for m, mode in modes:
+                m.training = mode
+    if seen == 0:
+        raise ArgumentError("the calibration data is empty: give at least one batch")
+    return finished(model, stats)
 
 
 def _calibration_data(owner: Any, data: Any, batches: int | None) -> Iterable:
@@ -159,7 +179,11 @@ class CalibratedImportance(Importance):
 
     def calibrate(self, model: nn.Module) -> None:
         """Record `model`'s layer inputs (one pass over the data); `fxslim.prune` calls it."""
-        self.stats = record_inputs(model, self.data, self.batches)
+        self.use_stats(model, record_inputs(model, self.data, self.batches))
+
+    def use_stats(self, model: nn.Module, stats: Stats) -> None:
+        """Score with `stats` recorded on `model` (whose parameter names the groups use)."""
+        self.stats = stats
         names: dict[int, list[str]] = {}
         for name, p in model.named_parameters(remove_duplicate=False):
             names.setdefault(id(p), []).append(name)
