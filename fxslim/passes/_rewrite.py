@@ -25,7 +25,9 @@ def as_graph(model: nn.Module, example_inputs: Any = None) -> fx.GraphModule:
     if isinstance(model, fx.GraphModule):
         return model
     if example_inputs is None:
-        raise PassContractError(f"{type(model).__name__} is not a GraphModule: pass example_inputs to trace it")
+        raise PassContractError(
+            f"{type(model).__name__} is not a GraphModule: pass example_inputs to trace it"
+        )
     return trace(model.eval(), example_inputs)
 
 
@@ -53,7 +55,9 @@ def set_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
 
 def parameter(t: torch.Tensor, like: torch.Tensor | None = None) -> nn.Parameter:
     """A new parameter holding `t` (requires_grad like `like`, default True)."""
-    return nn.Parameter(t.detach().contiguous(), requires_grad=True if like is None else like.requires_grad)
+    return nn.Parameter(
+        t.detach().contiguous(), requires_grad=True if like is None else like.requires_grad
+    )
 
 
 def finish(gm: fx.GraphModule, step: dict[str, Any] | None) -> fx.GraphModule:
@@ -67,8 +71,11 @@ def finish(gm: fx.GraphModule, step: dict[str, Any] | None) -> fx.GraphModule:
         if n.op != "placeholder":
             continue
         tm = n.meta.get("tensor_meta")
-        inputs.append(torch.zeros(tuple(tm.shape), dtype=tm.dtype) if tm is not None and hasattr(tm, "shape")
-                      else (n.args[0] if n.args else None))
+        inputs.append(
+            torch.zeros(tuple(tm.shape), dtype=tm.dtype)
+            if tm is not None and hasattr(tm, "shape")
+            else (n.args[0] if n.args else None)
+        )
     try:
         propagate_shapes(gm, inputs)
     except TraceError as exc:

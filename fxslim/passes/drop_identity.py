@@ -34,15 +34,34 @@ from fxslim.passes.base import Pass, PassResult
 
 __all__ = ["IDENTITY_RULES", "DropIdentitiesPass"]
 
-_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
-_NEUTRAL = {operator.add: 0, operator.sub: 0, operator.mul: 1, operator.truediv: 1,
-            torch.add: 0, torch.sub: 0, torch.mul: 1, torch.div: 1}
+_DROPOUT = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+_NEUTRAL = {
+    operator.add: 0,
+    operator.sub: 0,
+    operator.mul: 1,
+    operator.truediv: 1,
+    torch.add: 0,
+    torch.sub: 0,
+    torch.mul: 1,
+    torch.div: 1,
+}
 _SAME_SHAPE = (torch.flatten, torch.reshape, "flatten", "reshape", "view", "contiguous")
 
 
 def _same_shape(node: fx.Node) -> bool:
     src = node.args[0] if node.args else None
-    return isinstance(src, fx.Node) and node_shapes(src) is not None and node_shapes(src) == node_shapes(node)
+    return (
+        isinstance(src, fx.Node)
+        and node_shapes(src) is not None
+        and node_shapes(src) == node_shapes(node)
+    )
 
 
 def _training_flag(node: fx.Node) -> Any:
@@ -53,15 +72,42 @@ def _training_flag(node: fx.Node) -> Any:
 IDENTITY_RULES: list[tuple[Callable[[fx.Node, Any], bool], str]] = [
     (lambda n, m: isinstance(m, nn.Identity), "Identity(x) = x"),
     (lambda n, m: isinstance(m, _DROPOUT) and not m.training, "eval-mode dropout(x) = x"),
-    (lambda n, m: n.op == "call_function" and n.target in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d)
-     and _training_flag(n) is False, "dropout(x, training=False) = x"),
-    (lambda n, m: n.op == "call_function" and n.target in _NEUTRAL and len(n.args) == 2 and not n.kwargs
-     and isinstance(n.args[0], fx.Node) and type(n.args[1]) in (int, float)
-     and n.args[1] == _NEUTRAL[n.target] and _same_shape(n), "x + 0 = x - 0 = x * 1 = x / 1 = x"),
-    (lambda n, m: n.op == "call_function" and n.target is torch.cat and isinstance(n.args[0], (list, tuple))
-     and len(n.args[0]) == 1, "cat([x]) = x"),
-    (lambda n, m: n.op in ("call_function", "call_method") and n.target in _SAME_SHAPE and _same_shape(n),
-     "a reshape to the input's own shape = x"),
+    (
+        lambda n, m: (
+            n.op == "call_function"
+            and n.target in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d)
+            and _training_flag(n) is False
+        ),
+        "dropout(x, training=False) = x",
+    ),
+    (
+        lambda n, m: (
+            n.op == "call_function"
+            and n.target in _NEUTRAL
+            and len(n.args) == 2
+            and not n.kwargs
+            and isinstance(n.args[0], fx.Node)
+            and type(n.args[1]) in (int, float)
+            and n.args[1] == _NEUTRAL[n.target]
+            and _same_shape(n)
+        ),
+        "x + 0 = x - 0 = x * 1 = x / 1 = x",
+    ),
+    (
+        lambda n, m: (
+            n.op == "call_function"
+            and n.target is torch.cat
+            and isinstance(n.args[0], (list, tuple))
+            and len(n.args[0]) == 1
+        ),
+        "cat([x]) = x",
+    ),
+    (
+        lambda n, m: (
+            n.op in ("call_function", "call_method") and n.target in _SAME_SHAPE and _same_shape(n)
+        ),
+        "a reshape to the input's own shape = x",
+    ),
 ]
 
 
@@ -93,7 +139,11 @@ class DropIdentitiesPass(Pass):
                 new.graph.erase_node(node)
                 dropped.append(node.name)
         if not dropped:
-            return PassResult(gm, False, {"dropped": [], "nodes_before": before, "nodes_after": before})
+            return PassResult(
+                gm, False, {"dropped": [], "nodes_before": before, "nodes_after": before}
+            )
         new = finish(new, {"pass": "drop_identities", "dropped": dropped})
         after = len(new.graph.nodes)
-        return PassResult(new, after < before, {"dropped": dropped, "nodes_before": before, "nodes_after": after})
+        return PassResult(
+            new, after < before, {"dropped": dropped, "nodes_before": before, "nodes_after": after}
+        )

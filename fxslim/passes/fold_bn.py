@@ -58,7 +58,11 @@ def _rank(node: fx.Node) -> int | None:
 
 
 def _bias(layer: nn.Module, n: int) -> torch.Tensor:
-    return layer.bias.detach().double() if layer.bias is not None else torch.zeros(n, dtype=torch.float64)
+    return (
+        layer.bias.detach().double()
+        if layer.bias is not None
+        else torch.zeros(n, dtype=torch.float64)
+    )
 
 
 def _fold_into_producer(layer: nn.Module, bn: nn.Module) -> None:
@@ -83,14 +87,21 @@ def _fold_into_consumer(layer: nn.Module, bn: nn.Module) -> None:
 def _producer_ok(layer: nn.Module, node: fx.Node) -> bool:
     if isinstance(layer, _CONV):
         return True
-    return isinstance(layer, nn.Linear) and _rank(node) == 2  # BatchNorm1d on (N, L, C) normalises L
+    return (
+        isinstance(layer, nn.Linear) and _rank(node) == 2
+    )  # BatchNorm1d on (N, L, C) normalises L
 
 
 def _consumer_ok(layer: nn.Module, node: fx.Node) -> bool:
     if isinstance(layer, nn.Linear):
         return _rank(node) == 2
-    return (isinstance(layer, _CONV) and layer.groups == 1 and layer.padding_mode == "zeros"
-            and not isinstance(layer.padding, str) and all(p == 0 for p in layer.padding))
+    return (
+        isinstance(layer, _CONV)
+        and layer.groups == 1
+        and layer.padding_mode == "zeros"
+        and not isinstance(layer.padding, str)
+        and all(p == 0 for p in layer.padding)
+    )
 
 
 class FoldBatchNormPass(Pass):
@@ -111,7 +122,12 @@ class FoldBatchNormPass(Pass):
                 continue
             src = node.args[0] if node.args else None
             prod = module_of(new, src) if isinstance(src, fx.Node) else None
-            if prod is not None and calls[src.target] == 1 and only_user(src) is node and _producer_ok(prod, src):
+            if (
+                prod is not None
+                and calls[src.target] == 1
+                and only_user(src) is node
+                and _producer_ok(prod, src)
+            ):
                 _fold_into_producer(prod, bn)
                 node.replace_all_uses_with(src)
                 new.graph.erase_node(node)
@@ -119,17 +135,27 @@ class FoldBatchNormPass(Pass):
                 continue
             dst = only_user(node)
             cons = module_of(new, dst) if dst is not None else None
-            if cons is not None and calls[dst.target] == 1 and dst.args[0] is node and _consumer_ok(cons, node):
+            if (
+                cons is not None
+                and calls[dst.target] == 1
+                and dst.args[0] is node
+                and _consumer_ok(cons, node)
+            ):
                 _fold_into_consumer(cons, bn)
                 node.replace_all_uses_with(src)
                 new.graph.erase_node(node)
                 folded.append([dst.target, node.target])
         if not folded:
-            return PassResult(gm, False, {"folded": [], "batchnorms_before": before, "batchnorms_after": before})
+            return PassResult(
+                gm, False, {"folded": [], "batchnorms_before": before, "batchnorms_after": before}
+            )
         new = finish(new, {"pass": "fold_batchnorm", "folded": folded})
         after = _count(new)
-        return PassResult(new, after < before, {"folded": folded, "batchnorms_before": before,
-                                                "batchnorms_after": after})
+        return PassResult(
+            new,
+            after < before,
+            {"folded": folded, "batchnorms_before": before, "batchnorms_after": after},
+        )
 
 
 def _count(gm: fx.GraphModule) -> int:

@@ -32,8 +32,16 @@ __all__ = ["FuseLinearPass"]
 
 def _fused(a: nn.Linear, b: nn.Linear) -> nn.Linear:
     wa, wb = a.weight.detach().double(), b.weight.detach().double()
-    ba = a.bias.detach().double() if a.bias is not None else torch.zeros(wa.shape[0], dtype=torch.float64)
-    bb = b.bias.detach().double() if b.bias is not None else torch.zeros(wb.shape[0], dtype=torch.float64)
+    ba = (
+        a.bias.detach().double()
+        if a.bias is not None
+        else torch.zeros(wa.shape[0], dtype=torch.float64)
+    )
+    bb = (
+        b.bias.detach().double()
+        if b.bias is not None
+        else torch.zeros(wb.shape[0], dtype=torch.float64)
+    )
     out = nn.Linear(wa.shape[1], wb.shape[0], device=b.weight.device, dtype=b.weight.dtype)
     out.weight = parameter((wb @ wa).to(b.weight.dtype), b.weight)
     out.bias = parameter((wb @ ba + bb).to(b.weight.dtype), b.weight)
@@ -64,8 +72,12 @@ class FuseLinearPass(Pass):
                 continue
             src = node.args[0]
             first = module_of(new, src) if isinstance(src, fx.Node) else None
-            if not isinstance(first, nn.Linear) or calls[src.target] != 1 or only_user(src) is not node \
-                    or len(src.args) != 1:
+            if (
+                not isinstance(first, nn.Linear)
+                or calls[src.target] != 1
+                or only_user(src) is not node
+                or len(src.args) != 1
+            ):
                 continue
             (m, n), k = first.weight.shape, second.weight.shape[0]
             if not self.force and k * n >= m * (n + k):
@@ -75,11 +87,17 @@ class FuseLinearPass(Pass):
             new.graph.erase_node(src)
             fused.append([src.target, node.target])
         if not fused:
-            return PassResult(gm, False, {"fused": [], "linears_before": before, "linears_after": before})
+            return PassResult(
+                gm, False, {"fused": [], "linears_before": before, "linears_after": before}
+            )
         new = finish(new, {"pass": "fuse_linear", "fused": fused, "force": self.force})
         after = _count(new)
-        return PassResult(new, after < before, {"fused": fused, "linears_before": before, "linears_after": after})
+        return PassResult(
+            new, after < before, {"fused": fused, "linears_before": before, "linears_after": after}
+        )
 
 
 def _count(gm: fx.GraphModule) -> int:
-    return sum(isinstance(module_of(gm, n), nn.Linear) for n in gm.graph.nodes if n.op == "call_module")
+    return sum(
+        isinstance(module_of(gm, n), nn.Linear) for n in gm.graph.nodes if n.op == "call_module"
+    )

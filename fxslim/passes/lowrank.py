@@ -65,11 +65,23 @@ def factorize(layer: nn.Module, rank: int) -> nn.Sequential:
     a, b = root[:, None] * vh[:rank], u[:, :rank] * root[None, :]
     kw = {"device": w.device, "dtype": w.dtype}
     if isinstance(layer, nn.Linear):
-        first, second = nn.Linear(w.shape[1], rank, bias=False, **kw), nn.Linear(rank, w.shape[0], **kw)
+        first, second = (
+            nn.Linear(w.shape[1], rank, bias=False, **kw),
+            nn.Linear(rank, w.shape[0], **kw),
+        )
     else:
         conv = type(layer)
-        first = conv(layer.in_channels, rank, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
-                     bias=False, padding_mode=layer.padding_mode, **kw)
+        first = conv(
+            layer.in_channels,
+            rank,
+            layer.kernel_size,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            bias=False,
+            padding_mode=layer.padding_mode,
+            **kw,
+        )
         second = conv(rank, layer.out_channels, 1, **kw)
     first.weight = parameter(a.reshape(first.weight.shape).to(w.dtype), w)
     second.weight = parameter(b.reshape(second.weight.shape).to(w.dtype), w)
@@ -79,7 +91,9 @@ def factorize(layer: nn.Module, rank: int) -> nn.Sequential:
 
 def _rank_for(s: torch.Tensor, energy: float) -> int:
     cum = torch.cumsum(s**2, 0) / (s**2).sum().clamp_min(1e-300)
-    return min(int(torch.searchsorted(cum, torch.tensor(energy, dtype=cum.dtype) - 1e-12)) + 1, len(s))
+    return min(
+        int(torch.searchsorted(cum, torch.tensor(energy, dtype=cum.dtype) - 1e-12)) + 1, len(s)
+    )
 
 
 def _saves(shape: tuple[int, int], r: int) -> bool:
@@ -99,17 +113,42 @@ class LowRankPass(Pass):
     layer was factorised.
     """
 
-    def __init__(self, *, ranks: Mapping[str, int] | None = None, energy: float | None = None,
-                 rank_ratio: float | None = None, target_params: float | None = None,
-                 layers: Iterable[str] | None = None):
-        chosen = [k for k, v in {"ranks": ranks, "energy": energy, "rank_ratio": rank_ratio,
-                                 "target_params": target_params}.items() if v is not None]
+    def __init__(
+        self,
+        *,
+        ranks: Mapping[str, int] | None = None,
+        energy: float | None = None,
+        rank_ratio: float | None = None,
+        target_params: float | None = None,
+        layers: Iterable[str] | None = None,
+    ):
+        chosen = [
+            k
+            for k, v in {
+                "ranks": ranks,
+                "energy": energy,
+                "rank_ratio": rank_ratio,
+                "target_params": target_params,
+            }.items()
+            if v is not None
+        ]
         if len(chosen) != 1:
-            raise ArgumentError(f"LowRankPass takes exactly one of ranks, energy, rank_ratio, target_params; got {chosen}")
-        for name, v in (("energy", energy), ("rank_ratio", rank_ratio), ("target_params", target_params)):
+            raise ArgumentError(
+                f"LowRankPass takes exactly one of ranks, energy, rank_ratio, target_params; got {chosen}"
+            )
+        for name, v in (
+            ("energy", energy),
+            ("rank_ratio", rank_ratio),
+            ("target_params", target_params),
+        ):
             if v is not None and not 0.0 < v <= 1.0:
                 raise ArgumentError(f"{name} must be in (0, 1], got {v!r}")
-        self.ranks, self.energy, self.rank_ratio, self.target_params = ranks, energy, rank_ratio, target_params
+        self.ranks, self.energy, self.rank_ratio, self.target_params = (
+            ranks,
+            energy,
+            rank_ratio,
+            target_params,
+        )
         self.layers = None if layers is None else set(layers)
 
     def _candidates(self, gm: fx.GraphModule) -> dict[str, nn.Module]:
@@ -135,7 +174,11 @@ class LowRankPass(Pass):
         def pick(energy: float | None) -> dict[str, int]:
             out = {}
             for k, s in svals.items():
-                r = max(1, round(self.rank_ratio * len(s))) if energy is None else _rank_for(s, energy)
+                r = (
+                    max(1, round(self.rank_ratio * len(s)))
+                    if energy is None
+                    else _rank_for(s, energy)
+                )
                 if _saves(shapes[k], r):
                     out[k] = r
             return out
@@ -144,7 +187,9 @@ class LowRankPass(Pass):
             return pick(self.energy)
 
         def params(ranks: dict[str, int]) -> int:
-            return total - sum(shapes[k][0] * shapes[k][1] - r * sum(shapes[k]) for k, r in ranks.items())
+            return total - sum(
+                shapes[k][0] * shapes[k][1] - r * sum(shapes[k]) for k, r in ranks.items()
+            )
 
         lo, hi = 0.0, 1.0  # energy: lower keeps fewer parameters
         for _ in range(40):
@@ -168,7 +213,7 @@ class LowRankPass(Pass):
             node = nodes[target]
             with new.graph.inserting_after(node):
                 second = new.graph.call_module(f"{target}.1", (node,))
-            node.replace_all_uses_with(second, delete_user_cb=lambda u: u is not second)
+            node.replace_all_uses_with(second, delete_user_cb=second.__ne__)
             node.target = f"{target}.0"
             info["ranks"][target], info["full_ranks"][target] = r, len(s)
             info["discarded"][target] = float((s[r:] ** 2).sum().sqrt())

@@ -67,7 +67,9 @@ class _Batches:
     """onnxruntime's CalibrationDataReader protocol over a list of input tuples."""
 
     def __init__(self, names: list[str], batches: list[tuple]):
-        self.items = iter([{n: t.detach().cpu().numpy() for n, t in zip(names, b)} for b in batches])
+        self.items = iter(
+            [{n: t.detach().cpu().numpy() for n, t in zip(names, b)} for b in batches]
+        )
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self.items, None)
@@ -82,10 +84,14 @@ def _as_batches(calibration: Iterable[Any] | None) -> list[tuple]:
         if isinstance(b, torch.Tensor):
             out.append((b,))
         elif isinstance(b, (list, tuple)) and b and isinstance(b[0], torch.Tensor):
-            out.append((b[0],) if len(b) == 2 and b[1].dtype in (torch.int64, torch.int32) else tuple(b))
+            out.append(
+                (b[0],) if len(b) == 2 and b[1].dtype in (torch.int64, torch.int32) else tuple(b)
+            )
         else:
-            raise ArgumentError(f"calibration items must be tensors, tuples of tensors or (x, label) pairs, "
-                                f"got {type(b).__name__}")
+            raise ArgumentError(
+                f"calibration items must be tensors, tuples of tensors or (x, label) pairs, "
+                f"got {type(b).__name__}"
+            )
     return out
 
 
@@ -122,7 +128,13 @@ def quantize_onnx(
         ExportError: the quantiser failed or its file does not run in onnxruntime;
             nothing is left at `path` then.
     """
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if mode not in MODES:
@@ -148,18 +160,37 @@ def quantize_onnx(
                 shutil.copy(src, pre)
             try:
                 if mode == "static":
-                    quantize_static(pre, tmp, _Batches(names, batches), quant_format=QuantFormat.QDQ,
-                                    per_channel=per_channel, activation_type=QuantType.QUInt8,
-                                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+                    quantize_static(
+                        pre,
+                        tmp,
+                        _Batches(names, batches),
+                        quant_format=QuantFormat.QDQ,
+                        per_channel=per_channel,
+                        activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax,
+                    )
                 else:
                     quantize_dynamic(pre, tmp, per_channel=per_channel, weight_type=QuantType.QInt8)
             except Exception as exc:
-                raise ExportError(f"onnxruntime's {mode} quantiser failed on {src}: {type(exc).__name__}: {exc}") \
-                    from exc
+                raise ExportError(
+                    f"onnxruntime's {mode} quantiser failed on {src}: {type(exc).__name__}: {exc}"
+                ) from exc
             diff = _check(str(src), tmp, names, batches)
-            counts = {k: v for k, v in _op_counts(tmp).items()
-                      if k in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
-                               "ConvInteger", "QLinearConv", "QLinearMatMul")}
+            counts = {
+                k: v
+                for k, v in _op_counts(tmp).items()
+                if k
+                in (
+                    "QuantizeLinear",
+                    "DequantizeLinear",
+                    "DynamicQuantizeLinear",
+                    "MatMulInteger",
+                    "ConvInteger",
+                    "QLinearConv",
+                    "QLinearMatMul",
+                )
+            }
             size = os.path.getsize(tmp)
             os.replace(tmp, path)
         finally:
@@ -178,19 +209,25 @@ def _check(float_path: str, int8_path: str, names: list[str], batches: list[tupl
         xs = batches[0]
     else:
         g = torch.Generator().manual_seed(0)
-        xs = tuple(torch.randn([d if isinstance(d, int) else 2 for d in i.shape], generator=g)
-                   for i in sess_f.get_inputs())
+        xs = tuple(
+            torch.randn([d if isinstance(d, int) else 2 for d in i.shape], generator=g)
+            for i in sess_f.get_inputs()
+        )
     ref, got = run_onnx(sess_f, xs), run_onnx(sess_q, xs)
     worst = 0.0
     for r, o in zip(ref, got):
         if r.shape != o.shape or not np.isfinite(o).all():
-            raise ExportError(f"the int8 file gives output {o.shape} (finite: {np.isfinite(o).all()}), "
-                              f"the float file {r.shape}")
+            raise ExportError(
+                f"the int8 file gives output {o.shape} (finite: {np.isfinite(o).all()}), "
+                f"the float file {r.shape}"
+            )
         worst = max(worst, float(np.abs(o - r).max() / (np.abs(r).max() + 1e-12)))
     return worst
 
 
-def onnx_accuracy(path: str | os.PathLike, data: Iterable[Any], threads: int | None = None) -> float:
+def onnx_accuracy(
+    path: str | os.PathLike, data: Iterable[Any], threads: int | None = None
+) -> float:
     """Top-1 accuracy in [0, 1] of an ONNX classifier in onnxruntime over (x, label) batches."""
     sess = onnx_session(path, threads)
     right = total = 0

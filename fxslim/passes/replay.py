@@ -47,8 +47,12 @@ def replay(gm: fx.GraphModule, step: dict[str, Any], index: int = 0) -> fx.Graph
     try:
         res = make(step)(gm)
     except Exception as exc:
-        raise SaveLoadError(f"step {index} ({name}) cannot be replayed on the model given: {exc}") from exc
+        raise SaveLoadError(
+            f"step {index} ({name}) cannot be replayed on the model given: {exc}"
+        ) from exc
     if res.info[key] != step[key]:
-        raise SaveLoadError(f"step {index} ({name}): replaying changed {res.info[key]!r}, the save records "
-                            f"{step[key]!r}: the model given is not the one saved")
+        raise SaveLoadError(
+            f"step {index} ({name}): replaying changed {res.info[key]!r}, the save records "
+            f"{step[key]!r}: the model given is not the one saved"
+        )
     return res.module

@@ -71,7 +71,9 @@ def test_fold_random_nets(seed):
     torch.manual_seed(seed)
     model = random_stats(RandomNet(seed), seed)
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
-    res = PassManager([DropIdentitiesPass(), FoldBatchNormPass(), FuseLinearPass()])(fxslim.trace(model, x))
+    res = PassManager([DropIdentitiesPass(), FoldBatchNormPass(), FuseLinearPass()])(
+        fxslim.trace(model, x)
+    )
     assert res.modified
     assert batchnorms(res.module) == 0  # every BN follows a conv called once
     res.module.graph.lint()
@@ -100,7 +102,9 @@ class Mixed(nn.Module):
 @pytest.fixture
 def mixed():
     torch.manual_seed(0)
-    return random_stats(Mixed()), torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(2))
+    return random_stats(Mixed()), torch.randn(
+        3, 3, 4, 4, generator=torch.Generator().manual_seed(2)
+    )
 
 
 def test_fold_both_directions_and_refusals(mixed):

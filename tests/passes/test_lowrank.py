@@ -70,7 +70,9 @@ def test_energy_and_params_target(net):
     gm = fxslim.trace(model, x)
     before = sum(p.numel() for p in model.parameters())
     res = LowRankPass(target_params=0.5)(gm)
-    assert res.modified and res.info["params_after"] == sum(p.numel() for p in res.module.parameters())
+    assert res.modified and res.info["params_after"] == sum(
+        p.numel() for p in res.module.parameters()
+    )
     assert res.info["params_after"] <= 0.5 * before < res.info["params_before"]
     for k, r in res.info["ranks"].items():  # every factorised layer got smaller
         out, inn = getattr(model, k).weight.flatten(1).shape
@@ -95,6 +97,8 @@ def test_round_trip_after_prune(net, tmp_path):
     low = LowRankPass(rank_ratio=0.5, layers=["fc1", "conv2"])(small).module
     fxslim.save(low, tmp_path / "m")
     again = fxslim.load(tmp_path / "m", model=Net())
-    assert tuple(again.get_submodule("fc1")[0].weight.shape) == tuple(low.get_submodule("fc1")[0].weight.shape)
+    assert tuple(again.get_submodule("fc1")[0].weight.shape) == tuple(
+        low.get_submodule("fc1")[0].weight.shape
+    )
     with torch.inference_mode():
         assert torch.equal(again(x), low(x))
