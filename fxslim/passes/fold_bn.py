@@ -15,8 +15,9 @@ In eval mode a BatchNorm over channels c is the per-channel affine map
   zeros would need the value ``-t/s``, not 0.
 
 Either way the BatchNorm node disappears. The arithmetic runs in float64 and is cast
-back. Only a BatchNorm with running statistics folds (``track_running_stats``), and only
-a layer called once whose output (or input, for the consumer fold) no other node reads.
+back. Only an eval-mode BatchNorm with running statistics folds (in training mode it
+normalises by the batch's statistics, not these), and only into a layer called once
+whose output (or input, for the consumer fold) no other node reads.
 The result is an inference model: training it again would train the folded layers
 without a BatchNorm. The step is recorded so `fxslim.load` replays it.
 
@@ -118,7 +119,12 @@ class FoldBatchNormPass(Pass):
         folded: list[list[str]] = []
         for node in list(new.graph.nodes):
             bn = module_of(new, node)
-            if not isinstance(bn, _BN) or bn.running_mean is None or calls[node.target] != 1:
+            if (
+                not isinstance(bn, _BN)
+                or bn.training
+                or bn.running_mean is None
+                or calls[node.target] != 1
+            ):
                 continue
             src = node.args[0] if node.args else None
             prod = module_of(new, src) if isinstance(src, fx.Node) else None

@@ -160,3 +160,10 @@ def test_pruned_then_folded_round_trip(tmp_path):
     assert batchnorms(again) == 0
     with torch.inference_mode():
         assert torch.equal(again(x), folded(x))
+
+
+def test_training_mode_batchnorm_is_left(mixed):
+    model, x = mixed
+    gm = fxslim.trace(model, x).train()  # training BatchNorm normalises by batch statistics
+    res = FoldBatchNormPass()(gm)
+    assert not res.modified and res.module is gm and batchnorms(gm) == 4
