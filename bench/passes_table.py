@@ -217,10 +217,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="*", default=list(HEADS))
     ap.add_argument("--b32", nargs="*", default=["resnet18", "mobilenet_v2"])
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seeds", type=int, default=3, help="digits seeds; 0 skips the digits chain")
+    ap.add_argument(
+        "--rows-only", type=Path, help="write only the model rows to this file (a second process)"
+    )
     args = ap.parse_args()
     start = time.perf_counter()
-    acc_rows, lat_rows = digits_rows(tuple(range(args.seeds)))
+    acc_rows, lat_rows = digits_rows(tuple(range(args.seeds))) if args.seeds else ([], [])
     rows: list[str] = []
     done: list[str] = []
     for name in [
@@ -235,6 +238,9 @@ def main() -> None:
                 log(f"{name} failed: {type(exc).__name__}: {exc}")
                 rows.append(f"| {name} | - | failed: {type(exc).__name__} | | | | | |")
         load = " / ".join(f"{v:.1f}" for v in os.getloadavg())
+        if args.rows_only:
+            args.rows_only.write_text("\n".join(rows) + f"\nload: {load}\n")
+            continue
         section = SECTION.format(
             minutes=(time.perf_counter() - start) / 60,
             seeds=args.seeds,
@@ -245,7 +251,8 @@ def main() -> None:
             b32=", ".join(m for m in done if m in args.b32) or "none",
         )
         write(section.strip())
-    print(section)
+    if not args.rows_only:
+        print(section)
 
 
 SECTION = f"""{BEGIN}
