@@ -275,7 +275,7 @@ Load average (1/5/15 min) when the table was last written: {{load}} on 2 cores.
 ### The digits model through the whole chain
 
 DigitsResNet (width 16, 6 epochs) on scikit-learn's digits, 60/20/20 split per seed,
-test accuracy over seeds 0..{{seeds}} - 1 (mean, min..max, and the per-seed change from the
+test accuracy over {{seeds}} seeds (0, 1, ...; mean, min..max, and the per-seed change from the
 fp32 original). Pruned: 1/2 the MACs then `fxslim.distill` 3 epochs from the original;
 low-rank: every 3x3 conv at half rank (`LowRankPass(rank_ratio=0.5)`) then 3 epochs of
 distillation; int8: static QDQ per-channel, 8 training batches as calibration.
