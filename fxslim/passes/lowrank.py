@@ -213,7 +213,9 @@ class LowRankPass(Pass):
             node = nodes[target]
             with new.graph.inserting_after(node):
                 second = new.graph.call_module(f"{target}.1", (node,))
-            node.replace_all_uses_with(second, delete_user_cb=lambda user, second=second: user is not second)
+            node.replace_all_uses_with(
+                second, delete_user_cb=lambda user, second=second: user is not second
+            )
             node.target = f"{target}.0"
             info["ranks"][target], info["full_ranks"][target] = r, len(s)
             info["discarded"][target] = float((s[r:] ** 2).sum().sqrt())
