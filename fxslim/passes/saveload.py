@@ -6,7 +6,9 @@ A save directory holds two files:
   source architecture, the example input shapes, and the pruning history (per step,
   per changed group: its root member and the kept channel indices), the form
   (``"module"``: the user's own classes, ``"graph"``: a torch.fx GraphModule), plus the
-  sha256 of the weights file;
+  sha256 of the weights file; rewrite steps (BatchNorm folding, identity dropping, Linear
+  fusion, low-rank factorisation) are steps too, named by ``"pass"`` and replayed by
+  ``fxslim.passes.replay``;
 * ``weights.safetensors``: every parameter and buffer of the pruned model.
 
 `load` traces a fresh instance of the original architecture, re-applies the plan
@@ -37,6 +39,7 @@ from fxslim.errors import FxslimError, SaveLoadError
 from fxslim.graph.analysis import analyze
 from fxslim.graph.trace import trace
 from fxslim.passes.prune import apply_plan, find_recorded_group, make_plan
+from fxslim.passes.replay import replay
 from fxslim.utils import as_path, check_output_file, folders_made, fxslim_meta
 
 __all__ = ["PLAN_FORMAT", "load", "save", "save_pt2"]
@@ -230,6 +233,9 @@ def load(directory: str | os.PathLike, model: nn.Module) -> fx.GraphModule:
             "(fingerprints differ): pass a fresh instance of the original model"
         )
     for i, step in enumerate(plan["steps"]):
+        if "pass" in step:  # a rewrite after (or instead of) pruning: fold, fuse, low-rank ...
+            gm = replay(gm, step, i)
+            continue
         cg = analyze(gm)
         removal = {}
         for entry in step.get("groups", []):

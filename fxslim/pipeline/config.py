@@ -84,6 +84,28 @@ class FinetuneOptions(_Strict):
     lr: PositiveFloat = 3e-3
 
 
+class FoldOptions(_Strict):
+    """Equivalent rewrites: drop identities, fold BatchNorm, fuse Linear pairs (exact)."""
+
+    fuse_linear: bool = True
+
+
+class LowRankOptions(_Strict):
+    """`LowRankPass`: one of energy / rank_ratio / target_params (default rank_ratio 0.5)."""
+
+    energy: float | None = Field(None, gt=0.0, le=1.0)
+    rank_ratio: float | None = Field(None, gt=0.0, le=1.0)
+    target_params: float | None = Field(None, gt=0.0, le=1.0)
+    layers: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> LowRankOptions:
+        given = [k for k in ("energy", "rank_ratio", "target_params") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of energy, rank_ratio, target_params, got {given}")
+        return self
+
+
 class ExportOptions(_Strict):
     """`fxslim.export_onnx` of the current model (and of the baseline, for the report)."""
 
@@ -112,8 +134,9 @@ class ReportOptions(_Strict):
 STEP_KINDS: dict[str, type[_Strict]] = {
     "finetune": FinetuneOptions, "prune": PruneOptions, "distill": DistillOptions,
     "export": ExportOptions, "benchmark": BenchmarkOptions, "report": ReportOptions,
+    "fold": FoldOptions, "lowrank": LowRankOptions,
 }
-MODEL_STEPS = ("finetune", "prune", "distill")  # the steps that produce a new model
+MODEL_STEPS = ("finetune", "prune", "distill", "fold", "lowrank")  # the steps that produce a new model
 
 
 class Step(_Strict):

@@ -221,6 +221,31 @@ def _distill(ctx: StepContext, opts: Any, tmp: Path) -> dict:
                                               "teacher": teacher_name}
 
 
+def _fold(ctx: StepContext, opts: Any, tmp: Path) -> dict:
+    from fxslim.passes._rewrite import as_graph
+    from fxslim.passes.base import PassManager
+    from fxslim.passes.drop_identity import DropIdentitiesPass
+    from fxslim.passes.fold_bn import FoldBatchNormPass
+    from fxslim.passes.fuse_linear import FuseLinearPass
+
+    passes = [DropIdentitiesPass(), FoldBatchNormPass()] + ([FuseLinearPass()] if opts.fuse_linear else [])
+    res = PassManager(passes)(as_graph(ctx.previous_model(), ctx.inputs()))
+    _save(res.module, tmp)
+    return model_metrics(ctx, res.module) | {"rewrites": res.info}
+
+
+def _lowrank(ctx: StepContext, opts: Any, tmp: Path) -> dict:
+    from fxslim.passes._rewrite import as_graph
+    from fxslim.passes.lowrank import LowRankPass
+
+    kw = opts.model_dump()
+    if all(kw[k] is None for k in ("energy", "rank_ratio", "target_params")):
+        kw["rank_ratio"] = 0.5
+    res = LowRankPass(**kw)(as_graph(ctx.previous_model(), ctx.inputs()))
+    _save(res.module, tmp)
+    return model_metrics(ctx, res.module) | {"ranks": res.info["ranks"], "full_ranks": res.info["full_ranks"]}
+
+
 def _export(ctx: StepContext, opts: Any, tmp: Path) -> dict:
     from dataclasses import asdict
 
@@ -285,7 +310,7 @@ def _report(ctx: StepContext, opts: Any, tmp: Path) -> dict:
 
 STEPS: dict[str, Callable[[StepContext, Any, Path], dict]] = {
     "source": _source, "finetune": _finetune, "prune": _prune, "distill": _distill,
-    "export": _export, "benchmark": _benchmark, "report": _report,
+    "export": _export, "benchmark": _benchmark, "report": _report, "fold": _fold, "lowrank": _lowrank,
 }
 
 
@@ -298,5 +323,7 @@ def describe(kind: str, opts: Any) -> str:
         "finetune": "train with labels", "prune": "prune channel groups", "distill":
         "distil from the model before the first prune", "export": "export to ONNX and verify in onnxruntime",
         "benchmark": "measure every stage's latency", "report": "write report.md and report.html",
+        "fold": "drop identities, fold BatchNorm, fuse Linear pairs (exact)",
+        "lowrank": "factorise Linear/conv layers by truncated SVD",
     }[kind]
     return f"{what} ({', '.join(f'{k}={v}' for k, v in set_opts.items())})"
