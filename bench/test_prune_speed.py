@@ -13,12 +13,12 @@ import copy
 import pytest
 import torch
 
-from bench.prune_speed import MODELS, build, run_fxslim, run_torch_pruning
+from bench.prune_speed import MODELS, RULED, build, run_fxslim, run_torch_pruning
 
 pytest.importorskip("torch_pruning")
 
 
-@pytest.fixture(scope="module", params=list(MODELS))
+@pytest.fixture(scope="module", params=list(RULED))
 def case(request):
     torch.manual_seed(0)
     name = request.param
