@@ -276,12 +276,18 @@ def _symbolic(model: nn.Module, specs: list, leaf_modules: tuple, leaf_paths: li
 
 def symbolic_graph(model: nn.Module, leaf_modules: tuple = (), leaf_paths: Iterable[str] = (),
                    concrete_args: dict | None = None, autowrap_functions: Iterable = (),
-                   share_weights: bool = True) -> tuple[nn.Module, fx.Graph, dict[str, str]]:
+                   share_weights: bool = True, shallow: bool = False) -> tuple[nn.Module, fx.Graph, dict[str, str]]:
     """torch.fx's graph of `model` as fxslim traces it: (the traced root copy, the graph,
-    the modules kept whole for their hooks)."""
+    the modules kept whole for their hooks). `shallow`: copy only the top module (for a
+    model fxslim made itself; the submodules are traced, not written to)."""
     # torch.fx stores tensor constants (_tensor_constant0 ...) on the root it traces:
     # trace a copy so that the user's model stays exactly as it was
-    root = copy_structure(model) if share_weights else _deepcopy(model)
+    if shallow:
+        root = object.__new__(type(model))
+        object.__setattr__(root, "__dict__", {k: (type(v)(v) if type(v) in _CONTAINERS else v)
+                                             for k, v in model.__dict__.items()})
+    else:
+        root = copy_structure(model) if share_weights else _deepcopy(model)
     opaque = hooked_modules(model)
     tracer = FxslimTracer(leaf_modules, [*leaf_paths, *opaque], autowrap_functions)
     snapshot = snapshot_buffers(root, tracer)

@@ -48,7 +48,7 @@ def graph_mismatch(kept: nn.Module, pruned: fx.GraphModule, trace_options: Mappi
     if pruned.meta.get("fxslim_capture", {}).get("kind") != "fx":
         return "not a torch.fx capture"
     try:
-        root, graph, _ = symbolic_graph(kept)
+        root, graph, _ = symbolic_graph(kept, shallow=True)
     except Exception as exc:  # noqa: BLE001 - the class-kept copy does not trace: the numerical proof decides
         return f"the class-kept model does not trace ({type(exc).__name__})"
     mine = list(pruned.graph.nodes)

@@ -34,7 +34,7 @@ from fxslim.graph import rules as R
 from fxslim.graph.coupling import ChannelGroup, CouplingGraph, Member, where
 from fxslim.graph.run_capture import RUN_MODEL
 from fxslim.graph.shapes import propagate_shapes
-from fxslim.graph.trace import compile_now, copy_structure
+from fxslim.graph.trace import copy_structure
 from fxslim.passes.base import Pass, PassResult
 from fxslim.utils import gc_paused
 
@@ -239,7 +239,7 @@ def apply_plan(gm: fx.GraphModule, cg: CouplingGraph, plan: PrunePlan, example_i
     _fix_literals(new, gm, cg, plan, modules)
     new.meta["fxslim_history"] = history
     new.meta["fxslim_keep"] = keep
-    compile_now(new)
+    new.recompile()  # lazily: the code is generated on first use (a class-kept result never needs it)
     try:  # also the check that every rewritten size agrees: each node runs on meta tensors
         propagate_shapes(new, as_inputs(example_inputs).flat(new))
     except TraceError as exc:
