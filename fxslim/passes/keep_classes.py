@@ -62,6 +62,16 @@ KEEP_RTOL, KEEP_ATOL = 1e-4, 1e-5  # atol is scaled by each output's max |value|
 _NOT_CARRIED = ("fxslim_opaque", "fxslim_form_reason")  # trace-time facts of the GraphModule itself
 
 
+def _timm_rope_heads(m: nn.Module) -> None:
+    """timm's AttentionRope: head counts from the pruned projections (head_dim stays: heads go whole)."""
+    if m.qkv is not None:
+        heads = kv = m.qkv.weight.shape[0] // (3 * m.head_dim)
+    else:
+        heads, kv = m.q_proj.weight.shape[0] // m.head_dim, m.k_proj.weight.shape[0] // m.head_dim
+    m.num_heads, m.num_kv_heads, m.num_kv_groups = heads, kv, heads // kv
+    m.attn_dim, m.kv_dim = heads * m.head_dim, kv * m.head_dim
+
+
 # Size attributes of classes fx traces *through* (so no rule's ``sync`` sees them), per
 # "module.QualName": ``fn(mod)`` sets them from the module's own (sliced) tensors. Users may add theirs.
 CLASS_SYNCS: dict[str, Callable[[nn.Module], None]] = {
@@ -79,6 +89,8 @@ CLASS_SYNCS: dict[str, Callable[[nn.Module], None]] = {
     "timm.layers.attention.Attention": lambda m: (
         setattr(m, "num_heads", m.qkv.weight.shape[0] // (3 * m.head_dim)),
         setattr(m, "attn_dim", m.num_heads * m.head_dim)),
+    # qkv.reshape(B, N, 3, self.num_heads, self.head_dim), or q/k/v projections with num_kv_heads (GQA)
+    "timm.layers.attention.AttentionRope": _timm_rope_heads,
     # timm's Swin: qkv(x).reshape(B_, N, 3, self.num_heads, -1); one bias-table column per head
     "timm.models.swin_transformer.WindowAttention":
         lambda m: setattr(m, "num_heads", m.relative_position_bias_table.shape[1]),

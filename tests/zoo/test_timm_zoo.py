@@ -161,3 +161,25 @@ def test_timm_attention_keeps_its_classes_with_fewer_heads(name, attn):
     assert after.qkv.weight.shape[0] == 3 * after.num_heads * head_dim
     with torch.inference_mode():
         torch.testing.assert_close(small(x), gm(x), rtol=RTOL, atol=ATOL)
+
+
+def test_timm_rope_attention_keeps_its_class():
+    """timm's AttentionRope (DeepSeek-ViT, EVA-style): the head counts follow the pruned projections."""
+    from timm.layers.attention import AttentionRope
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.attn, self.out = nn.Linear(16, 64), AttentionRope(64, num_heads=4), nn.Linear(64, 5)
+
+        def forward(self, x):
+            return self.out(self.attn(self.inp(x)))
+
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(2, 7, 16)
+    gm = fxslim.prune(model, x, 0.5, keep_classes=False)
+    small = fxslim.prune(model, x, 0.5)
+    assert type(small) is Net and small.attn.num_heads == small.attn.num_kv_heads == 2
+    assert small.attn.attn_dim == 2 * small.attn.head_dim == small.attn.proj.in_features
+    with torch.inference_mode():
+        torch.testing.assert_close(small(x), gm(x), rtol=RTOL, atol=ATOL)
