@@ -138,22 +138,42 @@ def prune_to_latency(
         return model
     # each candidate is timed next to a fresh timing of the original: the CPU's speed
     # drifts (clocks, caches, other load) and only a side-by-side ratio is trustworthy
+    tried = []  # (units removed, ratio, candidate, original ms, candidate ms)
+
+    def timed(k: int) -> float:
+        cand = apply_plan(gm, cg, make_plan(cg, removal_for(k)), example_inputs)
+        t, ref = time_of(cand), time_of(gm)
+        tried.append((k, t / ref, cand, ref, t))
+        logger.info("latency search: %d units -> %.3f ms / %.3f ms = %.3f (goal %.3f)", k, t, ref, t / ref, target)
+        return t / ref
+
     lo, hi = 0, len(order)
-    best = None
     for _ in range(steps):
         k = (lo + hi) // 2
-        plan = make_plan(cg, removal_for(k))
-        cand = apply_plan(gm, cg, plan, example_inputs)
-        t, ref = time_of(cand), time_of(gm)
-        ratio = t / ref
-        if best is None or abs(ratio - target) < abs(best[1] - target):
-            best = (cand, ratio, ref, t)
-        logger.info("latency search: %d units -> %.3f ms / %.3f ms = %.3f (goal %.3f)", k, t, ref, ratio, target)
+        ratio = timed(k)
         if abs(ratio - target) <= tol * target:
             break
         lo, hi = (k, hi) if ratio > target else (lo, k)
         if hi - lo <= 1:
             break
-    model, _, ref, final = best
+    k, ratio, model, ref, final = min(tried, key=lambda r: abs(r[1] - target))
+    floor = min(r[1] for r in tried)
+    if floor > target * (1 + tol):
+        # out of reach: the latency stopped falling (per-op overhead, memory-bound
+        # layers). Removing more buys nothing measurable, so search down for the fewest
+        # units within `tol` of the lowest latency measured, rather than take the most.
+        lo, hi = 0, min(r[0] for r in tried if r[1] <= floor * (1 + tol))
+        for _ in range(steps):
+            if hi - lo <= 1:
+                break
+            k = (lo + hi) // 2
+            lo, hi = (lo, k) if timed(k) <= floor * (1 + tol) else (k, hi)
+        k, ratio, model, ref, final = min((r for r in tried if r[1] <= floor * (1 + tol)), key=lambda r: r[0])
+        logger.warning(
+            "latency target %.2fx not reached: the lowest measured was %.2fx; pruned %d of %d "
+            "units, the fewest within %.0f%% of that lowest latency (removing more bought no "
+            "time); a milder target, another backend or a larger input measures better",
+            target, floor, k, len(order), 100 * tol)
+        model.meta["fxslim_latency_unreached"] = {"target": target, "reached": ratio, "floor": floor}
     model.meta["fxslim_latency"] = (ref, final)
     return model

@@ -51,6 +51,34 @@ def test_search_compares_side_by_side_under_a_drifting_clock():
     assert abs(ratio - 0.5) <= 0.5 * 0.03 + 0.02  # tolerance + one step of drift
 
 
+def test_unreachable_target_stops_where_latency_stops_falling(caplog):
+    """Below half the MACs this clock barely moves (per-op overhead): a target of 0.25x
+    cannot be met. The search must not strip the model to one channel per layer for a
+    last 0.1% of time; it stops at the fewest units within `tol` of the lowest latency
+    it measured, warns, and records the shortfall."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 32, 32)
+    full = count_macs(model, x)
+
+    def flat_ms(m):
+        macs = count_macs(m, x)
+        return 0.5 * full / 1e6 + max(macs - 0.5 * full, 0) / 1e6 + 0.001 * macs / 1e6
+
+    with caplog.at_level("WARNING", logger="fxslim.passes.latency"):
+        small = fxslim.prune(model, x, target_latency=0.25, ignore=["fc"],
+                             latency_options={"measure": flat_ms, "tol": 0.05, "steps": 10})
+    meta = fxslim_meta(small)
+    gap = meta["fxslim_latency_unreached"]
+    assert gap["target"] == 0.25 and 0.49 < gap["floor"] < 0.52
+    assert gap["reached"] <= gap["floor"] * 1.05
+    # the most-pruned candidate the search timed kept well under 10% of the MACs; the
+    # chosen one keeps what buys no time back
+    assert count_macs(small, x) / full > 0.2
+    assert "not reached" in caplog.text and "0.25x" in caplog.text
+    with torch.inference_mode():
+        assert small(x).shape == (1, 1000)
+
 def test_latency_of_backends_run(tmp_path):
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()).eval()
     x = torch.randn(1, 3, 16, 16)
