@@ -36,12 +36,12 @@ import torch
 from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
-from torch.utils.flop_counter import FlopCounterMode
 
 from fxslim._inputs import ExampleInputs
 from fxslim.errors import TraceError
 from fxslim.graph import rules as R
 from fxslim.graph.shapes import _record
+from fxslim.runtime.measure import FlopCounter
 
 __all__ = ["FLOPS", "RUN_MODEL", "SPECIALISED", "UNUSED", "capture_run"]
 
@@ -102,7 +102,7 @@ class _Recorder(TorchFunctionMode):
         self.stack: list[nn.Module] = []
         self.leaf: nn.Module | None = None  # inside a leaf module: its calls are not recorded
         self.quiet = False  # in a hook: fxslim's own tensor queries are not the model's calls
-        self.flops: FlopCounterMode | None = None
+        self.flops: FlopCounter | None = None
         self.counted: dict[Any, int] = {}
 
     # -- nodes ------------------------------------------------------------------------
@@ -246,7 +246,7 @@ def capture_run(root: nn.Module, inputs: ExampleInputs) -> fx.GraphModule:
     training = [m for m in root.modules() if m.training]
     root.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as rec.flops, rec:
+        with torch.no_grad(), FlopCounter() as rec.flops, rec:
             out = inputs.call(root)
     except Exception as exc:
         raise TraceError(

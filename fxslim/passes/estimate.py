@@ -20,12 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import fx
-from torch.utils.flop_counter import FlopCounterMode
 
 from fxslim._inputs import as_inputs
 from fxslim.graph.coupling import CouplingGraph, iter_spaces
 from fxslim.graph.run_capture import FLOPS, RUN_MODEL
-from fxslim.runtime.measure import no_mha_fastpath
+from fxslim.runtime.measure import FlopCounter, no_mha_fastpath
 
 __all__ = ["CostModel"]
 
@@ -69,7 +68,7 @@ class CostModel:
             def run_node(self, n: fx.Node) -> Any:
                 if n.op not in ("call_module", "call_function", "call_method"):
                     return super().run_node(n)
-                with FlopCounterMode(display=False) as fc:
+                with FlopCounter() as fc:
                     out = super().run_node(n)
                 note(n, fc.get_flop_counts().get("Global", {}))
                 return out

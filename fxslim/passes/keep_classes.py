@@ -91,6 +91,9 @@ CLASS_SYNCS: dict[str, Callable[[nn.Module], None]] = {
         setattr(m, "attn_dim", m.num_heads * m.head_dim)),
     # qkv.reshape(B, N, 3, self.num_heads, self.head_dim), or q/k/v projections with num_kv_heads (GQA)
     "timm.layers.attention.AttentionRope": _timm_rope_heads,
+    # timm's BEiT: qkv.reshape(B, N, 3, self.num_heads, -1); head_dim only in the scale (D ** -0.5)
+    "timm.models.beit.Attention": lambda m: setattr(
+        m, "num_heads", m.qkv.weight.shape[0] // (3 * round(m.scale ** -2))),
     # timm's Swin: qkv(x).reshape(B_, N, 3, self.num_heads, -1); one bias-table column per head
     "timm.models.swin_transformer.WindowAttention":
         lambda m: setattr(m, "num_heads", m.relative_position_bias_table.shape[1]),

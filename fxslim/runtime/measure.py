@@ -16,6 +16,7 @@ from fxslim._inputs import as_inputs
 from fxslim.errors import ArgumentError
 
 __all__ = [
+    "FlopCounter",
     "count_macs",
     "count_params",
     "measure_latency",
@@ -25,6 +26,32 @@ __all__ = [
 ]
 
 
+
+
+class _GlobalOnly:
+    """Stands in for FlopCounterMode's module tracker: every count goes to "Global"."""
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+class FlopCounter(FlopCounterMode):
+    """torch's FlopCounterMode with totals only (``get_flop_counts()["Global"]``).
+
+    Its per-module breakdown hooks autograd on every module input that requires grad,
+    and fails with a raw error on a view of a parameter made without grad tracking
+    (timm's CaiT passes ``cls_token.expand(...)`` into its class-attention blocks), under
+    ``no_grad`` and ``inference_mode`` alike. fxslim reads only the totals.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(display=False)
+        self.mod_tracker = _GlobalOnly()
 
 
 def count_params(model: nn.Module) -> int:
@@ -48,7 +75,7 @@ class no_mha_fastpath:
 def count_macs(model: nn.Module, example_inputs: Any) -> int:
     """Multiply-accumulates of one forward pass, from torch.utils.flop_counter (FLOPs / 2)."""
     check_module("model", model)
-    with FlopCounterMode(display=False) as counter, torch.inference_mode(), no_mha_fastpath():
+    with FlopCounter() as counter, torch.inference_mode(), no_mha_fastpath():
         as_inputs(example_inputs).call(model)
     return counter.get_total_flops() // 2
 

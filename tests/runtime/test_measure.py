@@ -37,6 +37,24 @@ def test_macs_and_params_hand_computed():
     assert count_macs(conv, torch.randn(1, 4, 5, 5)) == 8 * 4 * 9 * 25
 
 
+
+class _ClassToken(nn.Module):
+    """CaiT's shape: a view of a parameter (cls_token.expand) enters a child module."""
+
+    def __init__(self):
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.randn(1, 1, 8))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.cls_token.expand(x.shape[0], -1, -1)) + x.sum()
+
+
+def test_macs_of_a_parameter_view_entering_a_module():
+    # under inference mode that view requires grad without a grad_fn, and the flop
+    # counter's module tracker raised a raw AttributeError ('next_functions')
+    assert count_macs(_ClassToken(), torch.randn(3, 5)) == 3 * 8 * 4
+
 def test_throughput_and_memory_plumbing():
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10)).eval()
     tp = throughput(model, lambda bs: torch.randn(bs, 64), (1, 4), runs=3)

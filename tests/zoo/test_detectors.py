@@ -29,12 +29,12 @@ import gc
 import numpy as np
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import fxslim
 from fxslim.passes.policy import uniform_removal
 from fxslim.passes.prune import apply_plan, make_plan
 from fxslim.passes.verify import dead_channel_check, slicing_mismatches
+from fxslim.runtime.measure import FlopCounter
 from tests.zoo.zoo import _attributes_agree, _randomise_norms, random_removal
 
 torchvision = pytest.importorskip("torchvision")
@@ -77,7 +77,7 @@ def build(name: str):
 
 
 def _run_counting(model, x):
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+    with FlopCounter() as counter, torch.inference_mode():
         out = model(*x)
     return out, counter.get_total_flops() // 2
 

@@ -19,13 +19,12 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 import fxslim
 from fxslim.passes.policy import uniform_removal
 from fxslim.passes.prune import apply_plan, make_plan
 from fxslim.passes.verify import dead_channel_check, max_scaled_diff, slicing_mismatches
-from fxslim.runtime.measure import no_mha_fastpath
+from fxslim.runtime.measure import FlopCounter, no_mha_fastpath
 from tests.zoo.zoo import _attributes_agree, _randomise_norms, random_removal
 
 timm = pytest.importorskip("timm")
@@ -85,7 +84,7 @@ def build(name: str):
 
 def _run_counting(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The output and the MACs of one forward (`fxslim.count_macs`'s count, one run)."""
-    with FlopCounterMode(display=False) as counter, torch.inference_mode(), no_mha_fastpath():
+    with FlopCounter() as counter, torch.inference_mode(), no_mha_fastpath():
         out = model(x)
     return out, counter.get_total_flops() // 2
 

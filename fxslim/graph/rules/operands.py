@@ -12,12 +12,15 @@ algebra (``groups``, ``num_groups``, ``normalized_shape``, ``return_indices`` ..
   ``BatchNormAct2d``): settings are the call's arguments; every tensor parameter must be
   a ``get_attr`` node, i.e. a parameter or buffer of the module that owns it. A computed
   operand (a standardised weight, a weight built from other tensors) is not guessed at:
-  the op is pinned and the reason names the operand, the op and the module path.
+  the op is pinned and the reason names the operand, the op and the module path. The one
+  exception is a 1-d ``bias`` computed in the graph (BEiT's ``cat((q_bias, zeros, v_bias))``
+  for its fused qkv): it is added channel by channel, so its dim joins the output
+  channels and the rules of the ops that built it slice its sources.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fxslim.graph.coupling import Builder, where
-from fxslim.graph.rules.common import _fetch_attr, couple_unknown
+from fxslim.graph.rules.common import _fetch_attr, _is_tensor, _shape, couple_unknown
 
 __all__ = ["FUNCTION_ARGS", "LayerOperands", "Param", "layer_operands"]
 
@@ -82,12 +85,16 @@ class LayerOperands:
     settings: dict[str, Any]
     function: bool
     label: str
+    computed: dict[str, fx.Node] = field(default_factory=dict)
 
     def member(self, b: Builder, space: int, name: str, dim: int, role: str) -> None:
-        """`space` slices operand `name` along `dim` (nothing when the operand is absent)."""
+        """`space` slices operand `name` along `dim` (nothing when the operand is absent);
+        a computed operand's dim joins `space`."""
         p = self.params.get(name)
         if p is not None:
             b.member(space, p.kind, p.target, dim, role)
+        elif name in self.computed:
+            b.union(space, b.out[self.computed[name]][dim])
 
     def not_channels(self, b: Builder, name: str, dims: Any, reason: str) -> None:
         """Dims of operand `name` that carry no channels (kernel dims): never sliced."""
@@ -118,10 +125,14 @@ def layer_operands(
         return LayerOperands(node.args[0] if node.args else node.kwargs["input"], params, vals, False, path or node.name)
     names = FUNCTION_ARGS.get(node.target, ("input",))
     bound = dict(zip(names, node.args)) | dict(node.kwargs)
-    params = {}
+    params, computed = {}, {}
     for name in tensors:
         a = bound.get(name)
         if a is None:
+            continue
+        if name == "bias" and isinstance(a, fx.Node) and a.op != "get_attr" and _is_tensor(b, a) \
+                and isinstance(_shape(a), tuple) and len(_shape(a)) == 1:
+            computed[name] = a
             continue
         if not isinstance(a, fx.Node) or a.op != "get_attr":
             what = a.format_node() if isinstance(a, fx.Node) else repr(a)
@@ -136,7 +147,7 @@ def layer_operands(
         if _has_node(v):
             couple_unknown(b, node, None, f"the {name} of {where(node, b.gm)} is computed in the graph")
             return None
-    return LayerOperands(bound["input"], params, vals, True, node.name)
+    return LayerOperands(bound["input"], params, vals, True, node.name, computed)
 
 
 def _has_node(v: Any) -> bool:

@@ -17,6 +17,7 @@ from fxslim.graph.rules.common import (
     _keep_except,
     _shape,
     _spatial_ops,
+    broadcast_into,
     couple_unknown,
 )
 from fxslim.graph.rules.operands import layer_operands
@@ -415,6 +416,15 @@ def couple_sdpa(b: Builder, node: fx.Node, mod=None, path=None) -> None:
         for t in (ks, vs):
             if b.sizes[b.find(t[d])] == b.sizes[b.find(qs[d])]:
                 b.union(qs[d], t[d])
+    # an additive mask or bias (BEiT's relative-position bias per head) broadcasts onto
+    # the scores (..., L, S): its head dim goes with the query heads
+    mask = _arg(node, 3, "attn_mask")
+    if isinstance(mask, fx.Node):
+        scores = _shape(q)[:-1] + (_shape(k)[-2],)
+        if not _is_tensor(b, mask) or len(_shape(mask)) > len(scores):
+            couple_unknown(b, node, mod, f"{where(node, b.gm)} with an attn_mask it cannot align with the scores")
+            return
+        broadcast_into(b, list(qs[:-1]) + [ks[-2]], scores, mask)
     b.out[node] = list(qs[:-1]) + [vs[-1]]
 
 
