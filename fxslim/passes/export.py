@@ -172,6 +172,15 @@ def export_onnx(
         model.real_recompile()
     path = as_path(path, ExportError)
     check_output_file(path, overwrite, ExportError)
+    capture = getattr(model, "meta", {}).get("fxslim_capture", {}) if isinstance(model, torch.fx.GraphModule) else {}
+    if dynamic_batch and capture.get("kind") in ("export", "run"):
+        # a graph captured by torch.export or by running the model has its sizes as
+        # literals and a guard on the input shapes: no other batch size can run it
+        logger.warning(
+            "'%s' is a graph captured at fixed input shapes %s (capture=%r): exported with that "
+            "batch only (dynamic_batch=False); capture and prune at the batch you will run, or "
+            "export the class-kept model", path.name, capture.get("input_shapes"), capture["kind"])
+        dynamic_batch = False
     try:
         with folders_made(path.parent), no_kv_cache(model):  # an HF cache object is no ONNX output
             return _export_verified(model, inputs, path, simplify, dynamic_batch, opset, tol)

@@ -45,6 +45,18 @@ def test_export_verifies_pruned_model_and_dynamic_batch(tmp_path):
         np.testing.assert_allclose(got, small(x5).numpy(), rtol=1e-4, atol=1e-5)
 
 
+
+def test_graph_captured_at_fixed_shapes_exports_at_its_batch(tmp_path, caplog):
+    """A torch.export capture has its sizes as literals and a guard on the input shapes
+    (timm's ConViT, CaiT ... fall back to it): the default dynamic batch cannot run it,
+    so the export keeps the example's batch and says so, instead of failing."""
+    small = fxslim.prune(Small().eval(), X, 0.5, capture="export", keep_classes=False)
+    assert isinstance(small, torch.fx.GraphModule) and small.meta["fxslim_capture"]["kind"] == "export"
+    with caplog.at_level("WARNING", logger="fxslim.passes.export"):
+        rep = fxslim.export_onnx(small, X, tmp_path / "g.onnx")
+    assert rep.batch_sizes == (1,) and rep.max_diff <= 1e-4
+    assert "fixed input shapes" in caplog.text and "dynamic_batch=False" in caplog.text
+
 def test_mismatch_is_an_error_and_leaves_nothing(tmp_path, monkeypatch):
     real = E.run_onnx
     monkeypatch.setattr(E, "run_onnx", lambda s, xs: [o + 1.0 for o in real(s, xs)])
