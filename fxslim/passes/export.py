@@ -200,7 +200,22 @@ def _export_verified(model: nn.Module, inputs: tuple, path: Path, simplify: bool
     tmpdir = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     tmp = str(tmpdir / path.name)
     try:
-        exporter = _export(model, inputs, tmp, dynamic_batch, opset, external)
+        try:
+            exporter = _export(model, inputs, tmp, dynamic_batch, opset, external)
+        except ExportError as exc:
+            if not dynamic_batch:
+                raise
+            # a size written into the code (a pruned graph's literal batch, view(1, ...))
+            # fixes the batch: export at the example's batch rather than not at all
+            try:
+                exporter = _export(model, inputs, tmp, False, opset, external)
+            except ExportError:
+                raise exc from None
+            logger.warning(
+                "%s does not export with a dynamic batch (%s); exported at batch %s only (dynamic_batch=False)",
+                type(model).__name__, str(exc).splitlines()[1].strip()[:200] if "\n" in str(exc) else exc,
+                inputs[0].shape[0] if inputs and isinstance(inputs[0], torch.Tensor) else "?")
+            dynamic_batch = False
         proto = onnx.load(tmp, load_external_data=False)
         nodes_before = len(proto.graph.node)
         simplified = False

@@ -57,6 +57,21 @@ def test_graph_captured_at_fixed_shapes_exports_at_its_batch(tmp_path, caplog):
     assert rep.batch_sizes == (1,) and rep.max_diff <= 1e-4
     assert "fixed input shapes" in caplog.text and "dynamic_batch=False" in caplog.text
 
+
+def test_a_batch_written_in_the_code_exports_at_that_batch(tmp_path, caplog):
+    class FixedBatch(nn.Module):  # reshape(1, ...): as a pruned graph's size literals do
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3 * 16 * 16, 4)
+
+        def forward(self, x):
+            return self.fc(x.reshape(1, -1))
+
+    with caplog.at_level("WARNING", logger="fxslim.passes.export"):
+        rep = fxslim.export_onnx(FixedBatch().eval(), X, tmp_path / "f.onnx")
+    assert rep.batch_sizes == (1,) and rep.max_diff <= 1e-4
+    assert "does not export with a dynamic batch" in caplog.text
+
 def test_mismatch_is_an_error_and_leaves_nothing(tmp_path, monkeypatch):
     real = E.run_onnx
     monkeypatch.setattr(E, "run_onnx", lambda s, xs: [o + 1.0 for o in real(s, xs)])
