@@ -789,3 +789,30 @@ def test_torchvision_swin_prunes_whole_heads(v2):
         assert small.get_submodule("blocks.1.attn").logit_scale.shape == (3, 1, 1)
     with torch.inference_mode():
         assert small(x).shape == (2, 3)
+
+
+class _ResizedGrid(nn.Module):
+    """SAM2-Hiera's shape: a parameter grid resized onto the feature map (bicubic mixes
+    neighbouring positions, so the grid's rows and columns are not channels), then
+    pooled and padded, which mix positions the same way."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.grid = nn.Parameter(torch.randn(1, 8, 5, 5))
+        self.cells = nn.Parameter(torch.randn(1, 8, 6, 6))
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        y = y + F.interpolate(self.grid, size=y.shape[-2:], mode="bicubic", align_corners=False)
+        y = y + F.pad(F.avg_pool2d(self.cells, 2), (2, 3, 2, 3))
+        return self.fc(y.mean((2, 3)))
+
+
+def test_positions_mixed_by_resizing_pooling_or_padding_are_not_channels():
+    model = _ResizedGrid().eval()
+    gm, cg, _ = check_oracles(model, torch.randn(1, 3, 8, 8), expect_prunable=1)
+    for g in cg.groups:  # only the 8 channels prune: grid and cell positions are pinned
+        grid_dims = {(m.target, m.dim) for m in g.members} & {("grid", 2), ("grid", 3), ("cells", 2), ("cells", 3)}
+        assert not (g.prunable and grid_dims), str(g)

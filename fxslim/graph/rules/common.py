@@ -78,10 +78,17 @@ def _flat_args(node: fx.Node) -> list:
 
 
 def _keep_except(b: Builder, node: fx.Node, x: fx.Node, new_dims: dict[int, int], pin: str | None) -> None:
-    """Output = input with the listed dims replaced by fresh spaces (sizes from meta)."""
+    """Output = input with the listed dims replaced by fresh spaces (sizes from meta).
+
+    With a `pin` reason the op mixes positions along those dims (pooling, resizing,
+    padding, rolling): the input's dims are pinned as well, since removing one input
+    position changes its neighbours' outputs (SAM2-Hiera resizes a parameter, its
+    position-embedding grid, with a bicubic interpolate)."""
     shape = _shape(node)
     out = list(b.out[x])
     for d in new_dims:
+        if pin is not None:
+            b.pin(out[d], pin)
         out[d] = b.new(shape[d], f"{node.name}:{d}", pin)
         b.dynamic.add(out[d])
     b.out[node] = out
