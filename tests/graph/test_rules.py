@@ -816,3 +816,22 @@ def test_positions_mixed_by_resizing_pooling_or_padding_are_not_channels():
     for g in cg.groups:  # only the 8 channels prune: grid and cell positions are pinned
         grid_dims = {(m.target, m.dim) for m in g.members} & {("grid", 2), ("grid", 3), ("cells", 2), ("cells", 3)}
         assert not (g.prunable and grid_dims), str(g)
+
+
+class _ReshapeToSizeObject(nn.Module):
+    """EVA's shape: t.reshape(x.shape), one size object for the whole shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        y = self.fc1(x)
+        z = torch.relu(y.flatten(1))
+        return self.fc2(z.reshape(y.shape))
+
+
+def test_reshape_to_a_size_object_prunes_and_stays_symbolic_in_batch():
+    model = _ReshapeToSizeObject().eval()
+    gm, cg, pruned = check_oracles(model, torch.randn(2, 4, 8), expect_prunable=1)
+    assert pruned.fc1.out_features < 16  # the channels through the size object pruned

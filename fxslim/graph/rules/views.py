@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 
 import numpy as np
@@ -144,6 +145,13 @@ def fix_shape_args(node: fx.Node, new_sizes: Callable, kept: Callable, dynamic: 
     if node.op == "call_function" and node.target in (torch.reshape,):
         packed = True
     shape = list(args[1]) if packed else args[1:]
+    made = []
+    if not packed and len(shape) == 1 and isinstance(shape[0], fx.Node) and len(old) != 1:
+        # one size object for the whole shape (EVA's t.reshape(x.shape)): its items, so
+        # that each dim can become a literal or stay symbolic
+        with node.graph.inserting_before(node):
+            made = [node.graph.call_function(operator.getitem, (shape[0], d)) for d in range(len(old))]
+        shape, packed = list(made), True
     if not shape and "shape" in node.kwargs:
         shape = list(node.kwargs["shape"])
         _literal_sizes(shape, old, new, dyn)
@@ -151,6 +159,9 @@ def fix_shape_args(node: fx.Node, new_sizes: Callable, kept: Callable, dynamic: 
         return
     _literal_sizes(shape, old, new, dyn)
     node.args = (args[0], tuple(shape)) if packed else (args[0], *shape)
+    for m in made:
+        if not m.users:
+            node.graph.erase_node(m)
 
 
 def _literal_sizes(shape: list, old: tuple, new: tuple, dyn: list[bool]) -> None:
