@@ -812,7 +812,7 @@ class _ResizedGrid(nn.Module):
 
 def test_positions_mixed_by_resizing_pooling_or_padding_are_not_channels():
     model = _ResizedGrid().eval()
-    gm, cg, _ = check_oracles(model, torch.randn(1, 3, 8, 8), expect_prunable=1)
+    _gm, cg, _ = check_oracles(model, torch.randn(1, 3, 8, 8), expect_prunable=1)
     for g in cg.groups:  # only the 8 channels prune: grid and cell positions are pinned
         grid_dims = {(m.target, m.dim) for m in g.members} & {("grid", 2), ("grid", 3), ("cells", 2), ("cells", 3)}
         assert not (g.prunable and grid_dims), str(g)
@@ -833,5 +833,23 @@ class _ReshapeToSizeObject(nn.Module):
 
 def test_reshape_to_a_size_object_prunes_and_stays_symbolic_in_batch():
     model = _ReshapeToSizeObject().eval()
-    gm, cg, pruned = check_oracles(model, torch.randn(2, 4, 8), expect_prunable=1)
+    _gm, _cg, pruned = check_oracles(model, torch.randn(2, 4, 8), expect_prunable=1)
     assert pruned.fc1.out_features < 16  # the channels through the size object pruned
+
+
+class _PickedPositions(nn.Module):
+    """CSATv2's shape: x[:, :, [zigzag order]] picks positions by a constant list."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x)).flatten(2)  # (B, C, H*W)
+        y = y[:, :, [0, 1, 4, 8, 5, 2, 3, 6]]
+        return self.fc(y.mean(2))
+
+
+def test_constant_index_list_picks_positions_and_channels_still_prune():
+    _gm, _cg, pruned = check_oracles(_PickedPositions().eval(), torch.randn(2, 3, 4, 4), expect_prunable=1)
+    assert pruned.conv.out_channels < 8

@@ -140,8 +140,18 @@ def couple_getitem(b: Builder, node: fx.Node, mod=None, path=None) -> None:
         else:
             expanded.append(i)
     expanded += [slice(None)] * (len(xs) - sum(1 for i in expanded if i is not None))
+    if sum(isinstance(i, (list, tuple)) for i in expanded) > 1:  # advanced indices broadcast together
+        couple_unknown(b, node, None, f"{where(node, b.gm)} with several index lists")
+        return
     out, d, od = [], 0, 0
     for i in expanded:
+        if isinstance(i, (list, tuple)):  # x[:, :, [0, 1, 8, ...]]: positions picked (CSATv2's zigzag)
+            loc = f"indexed by a constant list in {where(node, b.gm)}"
+            b.pin(xs[d], loc)
+            out.append(b.new(shape[od], f"{node.name}:{od}", loc))
+            d += 1
+            od += 1
+            continue
         if i is None:
             out.append(b.new(1, f"{node.name}:{od}", "inserted size-1 dim"))
             od += 1
