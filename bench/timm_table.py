@@ -99,7 +99,8 @@ def run_one(name: str) -> dict:
     """One model through the stages; the first failing stage ends it."""
     row: dict = {"model": name}
     model, x, head = build(name)
-    ignore = [head] if head and head in dict(model.named_modules()) else []
+    mods = dict(model.named_modules())
+    ignore = [h for h in ((head,) if isinstance(head, str) else head) if h in mods]  # a tuple: several heads
     row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
     row["input"] = list(x.shape)
     stage = "trace"
