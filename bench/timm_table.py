@@ -74,13 +74,15 @@ def candidates(per_family: int) -> list[tuple[str, str]]:
             for name in sorted(timm.list_models(module=family), key=_smallness)[:per_family]]
 
 
-def build(name: str) -> tuple[torch.nn.Module, torch.Tensor, str]:
+def build(name: str, **overrides) -> tuple[torch.nn.Module, torch.Tensor, str]:
+    """The model (random init, eval), its input and its classifier path(s); `overrides` go to
+    ``timm.create_model`` (e.g. ``depth=2``: the same blocks, fewer of them)."""
     import timm
 
     torch.manual_seed(0)
     for kw, size in (({"img_size": 64}, 64), ({}, 64), ({}, None)):
         try:
-            model = timm.create_model(name, pretrained=False, **kw).eval()
+            model = timm.create_model(name, pretrained=False, **kw, **overrides).eval()
             side = size or model.pretrained_cfg["input_size"][-1]
             chans = model.pretrained_cfg["input_size"][0]
             x = torch.randn(1, chans, side, side, generator=torch.Generator().manual_seed(0))
@@ -95,10 +97,10 @@ def build(name: str) -> tuple[torch.nn.Module, torch.Tensor, str]:
     return model, x, model.pretrained_cfg.get("classifier") or ""
 
 
-def run_one(name: str) -> dict:
+def run_one(name: str, **overrides) -> dict:
     """One model through the stages; the first failing stage ends it."""
     row: dict = {"model": name}
-    model, x, head = build(name)
+    model, x, head = build(name, **overrides)
     mods = dict(model.named_modules())
     ignore = [h for h in ((head,) if isinstance(head, str) else head) if h in mods]  # a tuple: several heads
     row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
