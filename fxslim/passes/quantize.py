@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -104,6 +105,17 @@ def _op_counts(path: str) -> dict[str, int]:
     return counts
 
 
+def _u8s8_saturates() -> bool:
+    """An x86 CPU without VNNI (its int8 dot products go through 16-bit pair sums)."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "x86", "i686"):
+        return False
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return True  # unknown x86: the safe side
+    return not any(f in flags.split() for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
 def quantize_onnx(
     float_path: str | os.PathLike,
     path: str | os.PathLike,
@@ -111,6 +123,7 @@ def quantize_onnx(
     mode: str = "auto",
     calibration: Iterable[Any] | None = None,
     per_channel: bool = True,
+    reduce_range: bool | str = "auto",
     overwrite: bool = False,
 ) -> QuantizeReport:
     """Write an int8 copy of a float ONNX file (see the module docstring).
@@ -122,6 +135,10 @@ def quantize_onnx(
             has a Conv and calibration is given, else dynamic.
         calibration: input batches (tensors, tuples, or a DataLoader's (x, y) pairs).
         per_channel: one weight scale per output channel.
+        reduce_range: 7-bit weights. onnxruntime's u8 x s8 kernels on x86 CPUs without VNNI
+            (AVX2, AVX-512 without VNNI) add pairs of products in 16 bits, which saturate
+            with full-range weights; "auto" turns it on there (measured on an AVX2 EPYC: a
+            two-layer MLP's dynamic int8 output off by 0.14 of its scale, 0.02 with it).
         overwrite: replace an existing file at `path`.
 
     Raises:
@@ -148,6 +165,10 @@ def quantize_onnx(
         mode = "static" if batches and _op_counts(str(src)).get("Conv", 0) else "dynamic"
     if mode == "static" and not batches:
         raise ArgumentError("static quantisation needs calibration batches")
+    if reduce_range == "auto":
+        reduce_range = _u8s8_saturates()
+    elif not isinstance(reduce_range, bool):
+        raise ArgumentError(f"reduce_range must be True, False or 'auto', got {reduce_range!r}")
     names = [i.name for i in onnx_session(src).get_inputs()]
     with folders_made(path.parent):
         tmpdir = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
@@ -169,9 +190,11 @@ def quantize_onnx(
                         activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax,
+                        reduce_range=reduce_range,
                     )
                 else:
-                    quantize_dynamic(pre, tmp, per_channel=per_channel, weight_type=QuantType.QInt8)
+                    quantize_dynamic(pre, tmp, per_channel=per_channel, reduce_range=reduce_range,
+                                     weight_type=QuantType.QInt8)
             except Exception as exc:
                 raise ExportError(
                     f"onnxruntime's {mode} quantiser failed on {src}: {type(exc).__name__}: {exc}"

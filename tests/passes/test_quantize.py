@@ -66,6 +66,8 @@ def test_dynamic_int8_linear_model(tmp_path):
         tmp_path / "mlp.onnx", tmp_path / "mlp.int8.onnx"
     )  # auto: no conv -> dynamic
     assert rep.mode == "dynamic" and rep.int8_ops.get("MatMulInteger", 0) >= 2
+    # within 5% of the output's scale on every CPU: without VNNI that needs 7-bit weights
+    # ("auto"; full range measured 0.14 on an AVX2 EPYC)
     assert rep.max_diff < 0.05
 
 
@@ -75,6 +77,8 @@ def test_bad_requests(digits, tmp_path):
         quantize_onnx(path, tmp_path / "a.onnx", mode="static")  # no calibration
     with pytest.raises(ArgumentError):
         quantize_onnx(path, tmp_path / "a.onnx", mode="int4")
+    with pytest.raises(ArgumentError):
+        quantize_onnx(path, tmp_path / "a.onnx", reduce_range="yes")
     with pytest.raises(ExportError):
         quantize_onnx(tmp_path / "missing.onnx", tmp_path / "a.onnx")
     (tmp_path / "b.onnx").write_bytes(b"x")

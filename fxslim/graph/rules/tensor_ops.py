@@ -429,7 +429,7 @@ def couple_sdpa(b: Builder, node: fx.Node, mod=None, path=None) -> None:
     # an additive mask or bias (BEiT's relative-position bias per head) broadcasts onto
     # the scores (..., L, S): its head dim goes with the query heads
     mask = _arg(node, 3, "attn_mask")
-    if isinstance(mask, fx.Node):
+    if isinstance(mask, fx.Node) and isinstance(_shape(mask), tuple):  # a forward argument may hold None
         scores = _shape(q)[:-1] + (_shape(k)[-2],)
         if not _is_tensor(b, mask) or len(_shape(mask)) > len(scores):
             couple_unknown(b, node, mod, f"{where(node, b.gm)} with an attn_mask it cannot align with the scores")
