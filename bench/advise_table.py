@@ -7,7 +7,7 @@ models are a few hundred microseconds of per-op overhead, which pruning cannot h
 1 thread, torch eager; the advisor sees the train and validation splits only, the test
 split is read here afterwards, from the models the advisor saved.
 
-    python -m bench.advise_table digits MNIST-1D     # each block also runs alone; ~30 min on 2 cores
+    python -m bench.advise_table digits MNIST-1D     # each block also runs alone; ~13 min on 2 quiet cores
     python -m bench.advise_table --render            # the section of bench/README.md from the JSONs
 """
 
