@@ -213,7 +213,7 @@ def _export_verified(model: nn.Module, inputs: tuple, path: Path, simplify: bool
                 raise exc from None
             logger.warning(
                 "%s does not export with a dynamic batch (%s); exported at batch %s only (dynamic_batch=False)",
-                type(model).__name__, str(exc).splitlines()[1].strip()[:200] if "\n" in str(exc) else exc,
+                type(model).__name__, str(exc).splitlines()[1].strip()[:200],  # _export's "dynamo: ..." line
                 inputs[0].shape[0] if inputs and isinstance(inputs[0], torch.Tensor) else "?")
             dynamic_batch = False
         proto = onnx.load(tmp, load_external_data=False)

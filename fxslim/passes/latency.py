@@ -138,12 +138,12 @@ def prune_to_latency(
         return model
     # each candidate is timed next to a fresh timing of the original: the CPU's speed
     # drifts (clocks, caches, other load) and only a side-by-side ratio is trustworthy
-    tried = []  # (units removed, ratio, candidate, original ms, candidate ms)
+    tried = []  # (units removed, ratio, original ms, candidate ms): no models kept, one is rebuilt
 
     def timed(k: int) -> float:
         cand = apply_plan(gm, cg, make_plan(cg, removal_for(k)), example_inputs)
         t, ref = time_of(cand), time_of(gm)
-        tried.append((k, t / ref, cand, ref, t))
+        tried.append((k, t / ref, ref, t))
         logger.info("latency search: %d units -> %.3f ms / %.3f ms = %.3f (goal %.3f)", k, t, ref, t / ref, target)
         return t / ref
 
@@ -156,7 +156,7 @@ def prune_to_latency(
         lo, hi = (k, hi) if ratio > target else (lo, k)
         if hi - lo <= 1:
             break
-    k, ratio, model, ref, final = min(tried, key=lambda r: abs(r[1] - target))
+    k, ratio, ref, final = min(tried, key=lambda r: abs(r[1] - target))
     floor = min(r[1] for r in tried)
     if floor > target * (1 + tol):
         # out of reach: the latency stopped falling (per-op overhead, memory-bound
@@ -168,12 +168,14 @@ def prune_to_latency(
                 break
             k = (lo + hi) // 2
             lo, hi = (lo, k) if timed(k) <= floor * (1 + tol) else (k, hi)
-        k, ratio, model, ref, final = min((r for r in tried if r[1] <= floor * (1 + tol)), key=lambda r: r[0])
+        k, ratio, ref, final = min((r for r in tried if r[1] <= floor * (1 + tol)), key=lambda r: r[0])
         logger.warning(
             "latency target %.2fx not reached: the lowest measured was %.2fx; pruned %d of %d "
             "units, the fewest within %.0f%% of that lowest latency (removing more bought no "
             "time); a milder target, another backend or a larger input measures better",
             target, floor, k, len(order), 100 * tol)
+    model = apply_plan(gm, cg, make_plan(cg, removal_for(k)), example_inputs)  # the chosen one again
+    if floor > target * (1 + tol):
         model.meta["fxslim_latency_unreached"] = {"target": target, "reached": ratio, "floor": floor}
     model.meta["fxslim_latency"] = (ref, final)
     return model
