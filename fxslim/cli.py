@@ -124,9 +124,9 @@ _model_spec, _data_spec = _spec("check_model_spec"), _spec("check_data_spec")
 
 
 def _target(text: str) -> float:
-    v = _ratio(text)
-    if v == 0.0:
-        raise argparse.ArgumentTypeError("0 is not a target: give a fraction in (0, 1)")
+    v = _number(text)
+    if not 0.0 < v < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a target: give a fraction of the original in (0, 1)")
     return v
 
 

@@ -9,7 +9,7 @@ import io
 import json
 import math
 import statistics
-from contextlib import redirect_stdout
+from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 import torch
@@ -257,5 +257,9 @@ def test_cli_advise_on_digits(tmp_path):
         json.loads((out / "results.json").read_text())["recommendations"]
         == result["recommendations"]
     )
-    with pytest.raises(SystemExit):  # a bad target is one line before any work
-        cli.main(["advise", "digits", "--targets", "1.5", "-o", str(tmp_path / "x")])
+    for bad in ("1.5", "0"):  # a bad target is one line before any work, worded as a target
+        err = io.StringIO()
+        with pytest.raises(SystemExit), redirect_stderr(err):
+            cli.main(["advise", "digits", "--targets", bad, "-o", str(tmp_path / "x")])
+        assert "is not a target: give a fraction of the original" in err.getvalue()
+    assert not (tmp_path / "x").exists()
