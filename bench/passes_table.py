@@ -7,6 +7,7 @@ Two tables, written into bench/README.md between markers:
    int8, low-rank (vit_b_16: every MLP Linear at half rank). int8 is onnxruntime's
    quantiser on the folded ONNX file (static QDQ, per-channel, 4 random calibration
    images for convolutional models; dynamic for vit_b_16), so it has no torch column.
+   bf16 is the original cast to bfloat16 in torch only (onnxruntime's bf16 is not measured).
    Threads pinned to 2; median latency; every variant of a model in one process.
 2. The digits model (DigitsResNet, width 16) through the whole chain, seeds 0..2: test
    accuracy per stage (mean, min..max) and latency per stage (seed 0).
@@ -17,7 +18,9 @@ Two tables, written into bench/README.md between markers:
 from __future__ import annotations
 
 import argparse
+import copy
 import os
+import platform
 import statistics
 import sys
 import tempfile
@@ -51,6 +54,34 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+class Bfloat16(torch.nn.Module):
+    """`model` in bfloat16 behind a float32 interface (inputs cast in, outputs cast out)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = copy.deepcopy(model).to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.to(torch.bfloat16)).float()
+
+
+def cpu_line() -> str:
+    """The CPU and the instruction sets that decide int8 and bf16 speed."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+        flags = next(
+            line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+        ).split()
+    except (OSError, StopIteration):
+        flags = []
+    have = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name}, {os.cpu_count()} cores; {', '.join(have) or 'no AVX2'}"
+
+
 def _export(m: torch.nn.Module, x: torch.Tensor, path: Path) -> str:
     return fxslim.export_onnx(m, x, path, simplify=False, tol=1e-3).path
 
@@ -75,6 +106,8 @@ def model_rows(name: str, batches: tuple[int, ...]) -> list[str]:
         variants["low-rank (MLPs half rank)"] = LowRankPass(rank_ratio=0.5, layers=mlps)(
             fxslim.trace(model, x)
         ).module
+    tv = dict(variants)  # torch-only variants join after export
+    tv["bf16 (torch)"] = Bfloat16(model)
     log(f"{name}: variants built in {time.perf_counter() - t0:.0f} s")
     rows = []
     with tempfile.TemporaryDirectory() as d:
@@ -102,19 +135,24 @@ def model_rows(name: str, batches: tuple[int, ...]) -> list[str]:
             runs = RUNS.get(bs, 3)
             tl = {
                 k: measure_latency(m, xb, runs=runs, warmup=1, threads=THREADS)["median_ms"]
-                for k, m in variants.items()
+                for k, m in tv.items()
+                if k != "bf16 (torch)"
             }
+            if bs == 1:  # without bf16 units it is tens of times slower: 3 runs, batch 1 only
+                tl["bf16 (torch)"] = measure_latency(
+                    tv["bf16 (torch)"], xb, runs=3, warmup=1, threads=THREADS
+                )["median_ms"]
             ol = {
                 k: onnx_latency(p, xb, threads=THREADS, runs=runs, warmup=1)["median_ms"]
                 for k, p in paths.items()
             }
             base_t, base_o = tl["original fp32"], ol["original fp32"]
-            for k in paths:
-                g = f"{macs[k] / 1e9:.2f}" if k in macs else f"({macs[made_from[k]] / 1e9:.2f})"
+            for k in [*paths, *(["bf16 (torch)"] if bs == 1 else [])]:
+                src = made_from.get(k, "original fp32")
+                g = f"{macs[k] / 1e9:.2f}" if k in macs else f"({macs[src] / 1e9:.2f})"
                 t = f"{tl[k]:.1f} | {base_t / tl[k]:.2f}x" if k in tl else "- | -"
-                rows.append(
-                    f"| {name} | {bs} | {k} | {g} | {t} | {ol[k]:.1f} | {base_o / ol[k]:.2f}x |"
-                )
+                o = f"{ol[k]:.1f} | {base_o / ol[k]:.2f}x" if k in ol else "- | -"
+                rows.append(f"| {name} | {bs} | {k} | {g} | {t} | {o} |")
                 log(rows[-1])
     return rows
 
@@ -128,6 +166,8 @@ def digits_rows(seeds: tuple[int, ...] = (0, 1, 2)) -> tuple[list[str], list[str
         "int8 (from folded)",
         "pruned + int8",
         "low-rank (half rank) + distil",
+        "low-rank (energy 0.9) + distil",
+        "bf16 (torch)",
     ]
     acc: dict[str, list[float]] = {s: [] for s in stages}
     lat_rows: list[str] = []
@@ -150,13 +190,19 @@ def digits_rows(seeds: tuple[int, ...] = (0, 1, 2)) -> tuple[list[str], list[str
         low = fxslim.distill(
             low, model, train, val, epochs=3, lr=3e-3, seed=seed, progress=False
         ).student
+        low9 = LowRankPass(energy=0.9, layers=convs)(fxslim.trace(model, x)).module
+        low9 = fxslim.distill(
+            low9, model, train, val, epochs=3, lr=3e-3, seed=seed, progress=False
+        ).student
         mods = {
             "original fp32": model,
             "folded": fold_batchnorm(model, x),
             "pruned 2x MACs + distil": pruned,
             "pruned + folded": fold_batchnorm(pruned, x),
             "low-rank (half rank) + distil": low,
+            "low-rank (energy 0.9) + distil": low9,
         }
+        torch_only = {"bf16 (torch)": Bfloat16(model)}
         cal = [b for _, b in zip(range(8), train)]
         with tempfile.TemporaryDirectory() as d:
             paths = {
@@ -169,24 +215,28 @@ def digits_rows(seeds: tuple[int, ...] = (0, 1, 2)) -> tuple[list[str], list[str
                 paths["pruned + folded"], Path(d) / "pq.onnx", calibration=cal
             ).path
             for k in stages:
-                acc[k].append(
-                    accuracy(mods[k], test) if k in mods else onnx_accuracy(paths[k], test)
-                )
+                m = mods.get(k, torch_only.get(k))
+                acc[k].append(accuracy(m, test) if m is not None else onnx_accuracy(paths[k], test))
             if seed == seeds[0]:
                 macs = {k: count_macs(m, x) for k, m in mods.items()}
                 for k in stages:
                     cells = []
+                    m = mods.get(k, torch_only.get(k))
                     for bs in (1, 32):
                         xb = x.expand(bs, -1, -1, -1).contiguous()
                         t = (
-                            measure_latency(mods[k], xb, runs=50, threads=THREADS)["median_ms"]
-                            if k in mods
+                            measure_latency(m, xb, runs=50, threads=THREADS)["median_ms"]
+                            if m is not None
                             else None
                         )
-                        o = onnx_latency(paths[k], xb, threads=THREADS, runs=50)["median_ms"]
-                        cells += [f"{t:.3f}" if t is not None else "-", f"{o:.3f}"]
-                    m = f"{macs[k] / 1e6:.2f}" if k in macs else "-"
-                    lat_rows.append(f"| {k} | {m} | " + " | ".join(cells) + " |")
+                        o = (
+                            onnx_latency(paths[k], xb, threads=THREADS, runs=50)["median_ms"]
+                            if k in paths
+                            else None
+                        )
+                        cells += [f"{v:.3f}" if v is not None else "-" for v in (t, o)]
+                    mm = f"{macs[k] / 1e6:.2f}" if k in macs else "-"
+                    lat_rows.append(f"| {k} | {mm} | " + " | ".join(cells) + " |")
         log(
             f"digits seed {seed}: {time.perf_counter() - t0:.0f} s; "
             + ", ".join(f"{k} {v[-1]:.4f}" for k, v in acc.items())
@@ -243,6 +293,7 @@ def main() -> None:
             continue
         section = SECTION.format(
             minutes=(time.perf_counter() - start) / 60,
+            cpu=cpu_line(),
             seeds=args.seeds,
             rows="\n".join(rows),
             acc="\n".join(acc_rows),
@@ -258,14 +309,17 @@ def main() -> None:
 SECTION = f"""{BEGIN}
 ## Rewrite passes composed with pruning: fold, low-rank, int8
 
-`python -m bench.passes_table` ({{minutes:.0f}} min on 2 cores **shared with other jobs**: absolute
-times are noisy, ratios within a model less so since its variants are timed back to back in
-one process). Random weights, 1x3x224x224 (batch 32: the same image repeated), threads
+`python -m bench.passes_table` ({{minutes:.0f}} min; {{cpu}}). Every variant of a model is
+timed back to back in one process, so ratios within a model are the figures to read;
+absolute times depend on the machine's load (below). Random weights, 1x3x224x224 (batch 32: the same image repeated), threads
 pinned to 2, median of {RUNS[1]} runs at batch 1 and {RUNS[32]} at batch 32. GMACs in parentheses:
 the float model the int8 file was made from. int8 = onnxruntime's quantiser on the
 folded ONNX file: static QDQ, per-channel weights, 4 random calibration images (vit_b_16:
-dynamic); it exists only as an ONNX file, so it has no torch column. "pruned" is uniform
-L1 pruning bisected to 1/2 the MACs, widths multiples of 8. Batch 32 measured for: {{b32}}.
+dynamic); it exists only as an ONNX file, so it has no torch column. bf16 is the original
+cast to bfloat16 in torch (inputs cast in, outputs out); onnxruntime's bf16 is not measured,
+so it has no onnxruntime column. "pruned" is uniform
+L1 pruning bisected to 1/2 the MACs, widths multiples of 8. Batch 32 measured for: {{b32}}
+(bf16 at batch 1 only, median of 3 runs).
 Load average (1/5/15 min) when the table was last written: {{load}} on 2 cores.
 
 | model | batch | variant | GMACs | torch ms | torch speed-up | onnxruntime ms | ort speed-up |
@@ -277,8 +331,10 @@ Load average (1/5/15 min) when the table was last written: {{load}} on 2 cores.
 DigitsResNet (width 16, 6 epochs) on scikit-learn's digits, 60/20/20 split per seed,
 test accuracy over {{seeds}} seeds (0, 1, ...; mean, min..max, and the per-seed change from the
 fp32 original). Pruned: 1/2 the MACs then `fxslim.distill` 3 epochs from the original;
-low-rank: every 3x3 conv at half rank (`LowRankPass(rank_ratio=0.5)`) then 3 epochs of
-distillation; int8: static QDQ per-channel, 8 training batches as calibration.
+low-rank: every 3x3 conv at half rank (`LowRankPass(rank_ratio=0.5)`), or at the rank that
+keeps 90% of each layer's singular-value energy (`energy=0.9`), then 3 epochs of
+distillation; int8: static QDQ per-channel, 8 training batches as calibration; bf16: the
+original cast to bfloat16 in torch.
 
 | stage | test accuracy % | min..max | change vs fp32 (min..max) |
 |---|---|---|---|

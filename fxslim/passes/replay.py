@@ -19,6 +19,7 @@ from fxslim.errors import SaveLoadError
 from fxslim.passes.base import Pass
 from fxslim.passes.drop_identity import DropIdentitiesPass
 from fxslim.passes.fold_bn import FoldBatchNormPass
+from fxslim.passes.fold_constants import FoldConstantsPass
 from fxslim.passes.fuse_linear import FuseLinearPass
 from fxslim.passes.lowrank import LowRankPass
 
@@ -27,6 +28,7 @@ __all__ = ["REPLAYS", "replay"]
 # step name -> (the pass that replays it, the info key that must equal the record's)
 REPLAYS: dict[str, tuple[Callable[[dict[str, Any]], Pass], str]] = {
     "fold_batchnorm": (lambda step: FoldBatchNormPass(), "folded"),
+    "fold_constants": (lambda step: FoldConstantsPass(), "folded"),
     "drop_identities": (lambda step: DropIdentitiesPass(), "dropped"),
     "fuse_linear": (lambda step: FuseLinearPass(force=bool(step.get("force", False))), "fused"),
     "lowrank": (lambda step: LowRankPass(ranks=step["ranks"]), "ranks"),

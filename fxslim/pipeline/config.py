@@ -85,9 +85,11 @@ class FinetuneOptions(_Strict):
 
 
 class FoldOptions(_Strict):
-    """Equivalent rewrites: drop identities, fold BatchNorm, fuse Linear pairs (exact)."""
+    """Equivalent rewrites: drop identities, fold BatchNorm and parameter-only subgraphs,
+    fuse Linear pairs (exact)."""
 
     fuse_linear: bool = True
+    fold_constants: bool = True
 
 
 class LowRankOptions(_Strict):

@@ -226,9 +226,12 @@ def _fold(ctx: StepContext, opts: Any, tmp: Path) -> dict:
     from fxslim.passes.base import PassManager
     from fxslim.passes.drop_identity import DropIdentitiesPass
     from fxslim.passes.fold_bn import FoldBatchNormPass
+    from fxslim.passes.fold_constants import FoldConstantsPass
     from fxslim.passes.fuse_linear import FuseLinearPass
 
-    passes = [DropIdentitiesPass(), FoldBatchNormPass()] + ([FuseLinearPass()] if opts.fuse_linear else [])
+    passes = [DropIdentitiesPass(), FoldBatchNormPass()]
+    passes += [FoldConstantsPass()] if opts.fold_constants else []
+    passes += [FuseLinearPass()] if opts.fuse_linear else []
     res = PassManager(passes)(as_graph(ctx.previous_model(), ctx.inputs()))
     _save(res.module, tmp)
     return model_metrics(ctx, res.module) | {"rewrites": res.info}
@@ -323,7 +326,7 @@ def describe(kind: str, opts: Any) -> str:
         "finetune": "train with labels", "prune": "prune channel groups", "distill":
         "distil from the model before the first prune", "export": "export to ONNX and verify in onnxruntime",
         "benchmark": "measure every stage's latency", "report": "write report.md and report.html",
-        "fold": "drop identities, fold BatchNorm, fuse Linear pairs (exact)",
+        "fold": "drop identities, fold BatchNorm and constants, fuse Linear pairs (exact)",
         "lowrank": "factorise Linear/conv layers by truncated SVD",
     }[kind]
     return f"{what} ({', '.join(f'{k}={v}' for k, v in set_opts.items())})"
