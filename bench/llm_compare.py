@@ -6,7 +6,8 @@ pruning has layers to remove) once on the stdlib-source text, then on the same m
 1. **Width, side by side**: torch-pruning 1.6's LLM recipe (its examples/LLMs/prune_llm.py
    settings: ``MetaPruner``, ``GroupNormImportance(p=2)``, uniform (non-global) ratio for
    hidden size and heads, ``prune_num_heads=True``, head dims kept for RoPE, ``round_to=4``,
-   ``lm_head`` ignored, then the script's attribute fix-ups) against
+   ``lm_head`` ignored, then the script's attribute fix-ups; ``output_transform`` picks the
+   logits, without which torch-pruning cannot trace transformers 5's output object) against
    ``fxslim.prune(model, x, ratio=r, importance="l2")``. Pass time, parameters, test
    perplexity, and whether ``save_pretrained`` -> ``from_pretrained`` gives the same logits.
    torch-pruning runs in a child process stopped after ``--tp-timeout`` seconds.
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 
 import fxslim
+from fxslim.passes.calibrated import WandaImportance
 from fxslim.runtime.text import TokenRows, lm_batches, perplexity, tiny_llama, token_rows, train_lm
 
 LAYERS = 4
@@ -67,10 +69,14 @@ def _tp_prune(state: dict, ratio: float, x: torch.Tensor) -> tuple[Any, float]:
             num_heads[m.k_proj] = cfg.num_key_value_heads
             num_heads[m.v_proj] = cfg.num_key_value_heads
     gqa = cfg.num_attention_heads != cfg.num_key_value_heads
+    # the recipe's GroupNormImportance is called GroupMagnitudeImportance in torch-pruning 1.6
+    norm = getattr(tp.importance, "GroupNormImportance", None) or tp.importance.GroupMagnitudeImportance
     pruner = tp.pruner.MetaPruner(
-        model, example_inputs=x, importance=tp.importance.GroupNormImportance(p=2, group_reduction="mean"),
+        model, example_inputs=x, importance=norm(p=2, group_reduction="mean"),
         global_pruning=False, pruning_ratio=ratio, ignored_layers=[model.lm_head], num_heads=num_heads,
         prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=ratio, round_to=4,
+        # transformers 5 returns an output object; the recipe's tracer needs the logits tensor
+        output_transform=lambda out: out.logits,
     )
     for group in pruner.step(interactive=True):
         group.prune()
@@ -162,7 +168,7 @@ def main() -> None:
     target = _params(deep.model) / n0
     t0 = time.perf_counter()
     wide = fxslim.prune(model, {"input_ids": x}, target_params=target,
-                        importance=fxslim.passes.calibrated.WandaImportance(calib))
+                        importance=WandaImportance(calib))
     tw = time.perf_counter() - t0
     train_rows = token_rows(lm_batches("train", n_batches=args.distill_batches, batch_size=16, seed=7))
     val_rows = token_rows(lm_batches("val", n_batches=4, batch_size=16, seed=0))

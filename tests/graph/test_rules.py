@@ -853,3 +853,31 @@ class _PickedPositions(nn.Module):
 def test_constant_index_list_picks_positions_and_channels_still_prune():
     _gm, _cg, pruned = check_oracles(_PickedPositions().eval(), torch.randn(2, 3, 4, 4), expect_prunable=1)
     assert pruned.conv.out_channels < 8
+
+
+class _ConvAcrossFeatures(nn.Module):
+    """CoaT's aggregate head: a Conv1d over three stacked feature vectors, its length dim
+    the model's feature dim; `k` > 1 mixes neighbouring features instead."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 16), nn.Linear(6, 16)
+        self.aggregate = nn.Conv1d(2, 1, kernel_size=k, padding=k // 2)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        y = torch.stack([self.fc1(x), self.fc2(x)], dim=1)  # (B, 2, 16)
+        return self.head(self.aggregate(y).squeeze(1))
+
+
+def test_conv_length_dim_carrying_features_couples_or_pins():
+    x = torch.randn(3, 6)
+    _gm, cg, pruned = check_oracles(_ConvAcrossFeatures(1).eval(), x, expect_prunable=1)
+    # pointwise: feature f of both branches reaches head column f, one group of 16
+    grp = cg.group_of("head.weight", 1)
+    assert grp is not None and grp.prunable and grp.size == 16
+    assert {("fc1.weight", 0), ("fc2.weight", 0)} <= {(m.target, m.dim) for m in grp.members}
+    assert pruned.head.in_features < 16
+    gm = fxslim.trace(_ConvAcrossFeatures(3).eval(), x)
+    grp = fxslim.analyze(gm).group_of("fc1.weight", 0)
+    assert grp is not None and not grp.prunable and "spatial dim of" in str(grp)  # a 3-wide conv mixes features

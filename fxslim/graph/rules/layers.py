@@ -10,6 +10,7 @@ function form's size arguments by the ``fix_*`` functions.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from torch import fx, nn
@@ -24,10 +25,24 @@ from fxslim.graph.rules.operands import FUNCTION_ARGS, layer_operands
 _NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
 
+def _all_equal(v: Any, n: int) -> bool:
+    return all(x == n for x in v) if isinstance(v, (tuple, list)) else v == n
+
+
+def _pointwise(w_shape: tuple[int, ...], settings: dict[str, Any]) -> bool:
+    """A 1x1 conv with stride 1 and no padding: output position p reads input position p."""
+    pad = settings["padding"]
+    return (all(k == 1 for k in w_shape[2:]) and _all_equal(settings["stride"], 1)
+            and (isinstance(pad, str) or _all_equal(pad, 0)))
+
+
 def couple_conv(b: Builder, node: fx.Node, mod: nn.Module | None = None, path: str | None = None) -> None:
     """Conv: out channels are new (weight rows), in channels are weight columns; conv
-    groups stay whole (group k reads in[k*ipg:(k+1)*ipg], writes out[k*opg:(k+1)*opg])."""
-    op = layer_operands(b, node, mod, path, ("weight", "bias"), ("groups",))
+    groups stay whole (group k reads in[k*ipg:(k+1)*ipg], writes out[k*opg:(k+1)*opg]).
+    Spatial dims: a pointwise conv maps position p to p (input and output share the
+    space); any other mixes neighbouring positions, so the input's are pinned (CoaT runs
+    a Conv1d across stacked features: its length dim is a channel dim of the model)."""
+    op = layer_operands(b, node, mod, path, ("weight", "bias"), ("groups", "stride", "padding"))
     if op is None:
         return
     w = op.params["weight"]
@@ -41,8 +56,13 @@ def couple_conv(b: Builder, node: fx.Node, mod: nn.Module | None = None, path: s
     op.member(b, oc, "bias", 0, "out")
     op.not_channels(b, "weight", range(2, 2 + nsp), f"kernel dim of {loc}")
     out.append(oc)
-    out += [b.new(s, f"{op.label}:sp{d}", f"spatial dim of {loc}") for d, s in enumerate(shape[cdim + 1 :])]
-    b.dynamic.update(out[cdim + 1 :])
+    if _pointwise(w.shape, op.settings):  # output position p = input position p
+        out += list(xs[cdim + 1 :])
+    else:
+        for s in xs[cdim + 1 :]:
+            b.pin(s, f"spatial dim of {loc}")
+        out += [b.new(s, f"{op.label}:sp{d}", f"spatial dim of {loc}") for d, s in enumerate(shape[cdim + 1 :])]
+        b.dynamic.update(out[cdim + 1 :])
     ic = xs[cdim]
     g = op.settings["groups"]
     if g == 1:

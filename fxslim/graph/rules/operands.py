@@ -56,7 +56,7 @@ FUNCTION_ARGS: dict[Any, tuple[str, ...]] = {
     **dict.fromkeys((F.avg_pool1d, F.avg_pool2d, F.avg_pool3d), ("input", "kernel_size", "stride", "padding")),
     **dict.fromkeys((F.lp_pool1d, F.lp_pool2d, F.lp_pool3d), ("input", "norm_type", "kernel_size", "stride")),
 }
-_DEFAULTS = {"groups": 1, "return_indices": False, "max_norm": None}
+_DEFAULTS = {"groups": 1, "return_indices": False, "max_norm": None, "stride": 1, "padding": 0}
 
 
 @dataclass(frozen=True)
