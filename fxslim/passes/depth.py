@@ -128,13 +128,9 @@ def block_influence(model: nn.Module, calib: Iterable[Any], blocks: Sequence[str
     """
     sums: dict[str, list[float]] = {}
     fixed: set[str] = set()
-    seen: dict[str, tuple] = {}
     handles = []
 
     def hooks(path: str, block: nn.Module) -> None:
-        def pre(mod, args, kwargs):
-            seen[path] = (args, kwargs)
-
         def post(mod, args, kwargs, output):
             h, h2 = _stream_in(args, kwargs), _stream_out(output)
             if h is None or h2 is None or h.shape != h2.shape:
@@ -145,7 +141,6 @@ def block_influence(model: nn.Module, calib: Iterable[Any], blocks: Sequence[str
             acc[0] += float(c.sum())
             acc[1] += c.numel()
 
-        handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(block.register_forward_hook(post, with_kwargs=True))
 
     for lst in blocks:
@@ -316,13 +311,12 @@ def prune_depth(
         gone = {int(r.rpartition(".")[2]) for r in removed if r.rpartition(".")[0] == lst}
         if not gone:
             continue
-        old = out.get_submodule(lst)
-        keep = [i for i in range(len(old)) if i not in gone]
-        new = type(old)(*[old[i] for i in keep]) if isinstance(old, nn.Sequential) else nn.ModuleList(old[i] for i in keep)
-        parent, _, name = lst.rpartition(".")
-        setattr(out.get_submodule(parent) if parent else out, name, new)
+        blocks_of = out.get_submodule(lst)  # its own class (a Sequential subclass stays one)
+        size = len(blocks_of)
+        for i in sorted(gone, reverse=True):
+            del blocks_of[i]  # ModuleList and Sequential renumber the rest
         if depth_lists == [lst]:
-            _config_depth(out, lst, len(old), keep)
+            _config_depth(out, lst, size, [i for i in range(size) if i not in gone])
     _prove(model, out, removed, calib)
     _check_reload(out, calib)
     logger.info("removed %d of %d blocks: %s", len(removed), total, ", ".join(removed))

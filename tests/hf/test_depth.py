@@ -115,3 +115,20 @@ def test_bad_requests_are_typed():
     x = torch.randn(1, 3, 32, 32)
     with pytest.raises(ArgumentError, match="not a GraphModule"):
         prune_depth(fxslim.trace(torchvision.models.resnet18().eval(), x), [x], n_remove=1)
+
+
+def test_timm_vit_blocks_by_ratio():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=4, num_classes=5).eval()
+    calib = [torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    res = prune_depth(model, calib, ratio=0.5)
+    assert res.blocks == ["blocks"] and len(res.removed) == 2
+    assert type(res.model.blocks) is type(model.blocks) and len(res.model.blocks) == 2 and len(model.blocks) == 4
+    handles = _identities(model, res.removed)
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(res.model(calib[1]), model(calib[1]), rtol=1e-5, atol=1e-6)
+    finally:
+        for h in handles:
+            h.remove()
