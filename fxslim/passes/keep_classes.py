@@ -97,6 +97,15 @@ CLASS_SYNCS: dict[str, Callable[[nn.Module], None]] = {
     # timm's Swin: qkv(x).reshape(B_, N, 3, self.num_heads, -1); one bias-table column per head
     "timm.models.swin_transformer.WindowAttention":
         lambda m: setattr(m, "num_heads", m.relative_position_bias_table.shape[1]),
+    # CaiT: qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads), talking heads mix heads in
+    # proj_l / proj_w (num_heads x num_heads); class attention: q(x).reshape(B, 1, self.num_heads, ...)
+    "timm.models.cait.TalkingHeadAttn": lambda m: setattr(m, "num_heads", m.proj_l.weight.shape[0]),
+    "timm.models.cait.ClassAttn": lambda m: setattr(
+        m, "num_heads", m.q.weight.shape[0] // round(m.scale ** -2)),
+    # ConViT: one gating parameter per head (GPSA); qkv rows per head dim (MHSA); head_dim only in scale
+    "timm.models.convit.GPSA": lambda m: setattr(m, "num_heads", m.gating_param.shape[0]),
+    "timm.models.convit.MHSA": lambda m: setattr(
+        m, "num_heads", m.qkv.weight.shape[0] // (3 * round(m.scale ** -2))),
     # q.reshape(B, G, P, self.n_heads, self.head_dim): a bias-table column per head, q/k/v rows per head dim
     "torchvision.models.maxvit.RelativePositionalMultiHeadAttention": lambda m: (
         setattr(m, "n_heads", m.relative_position_bias_table.shape[-1]),
