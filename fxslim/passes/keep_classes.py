@@ -97,6 +97,10 @@ CLASS_SYNCS: dict[str, Callable[[nn.Module], None]] = {
     # timm's Swin: qkv(x).reshape(B_, N, 3, self.num_heads, -1); one bias-table column per head
     "timm.models.swin_transformer.WindowAttention":
         lambda m: setattr(m, "num_heads", m.relative_position_bias_table.shape[1]),
+    # EVA / EVA02: qkv.reshape(B, N, 3, self.num_heads, -1), fused qkv or q/k/v projections (its
+    # output reshape(B, N, C) also needs the heads' width to equal the block's: the proof decides)
+    "timm.models.eva.EvaAttention": lambda m: setattr(m, "num_heads", (
+        m.qkv.weight.shape[0] // 3 if m.qkv is not None else m.q_proj.weight.shape[0]) // m.head_dim),
     # CaiT: qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads), talking heads mix heads in
     # proj_l / proj_w (num_heads x num_heads); class attention: q(x).reshape(B, 1, self.num_heads, ...)
     "timm.models.cait.TalkingHeadAttn": lambda m: setattr(m, "num_heads", m.proj_l.weight.shape[0]),

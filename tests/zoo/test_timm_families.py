@@ -29,7 +29,7 @@ FAMILIES = {
     "convit": ("convit_tiny", {"depth": 3, "local_up_to_layer": 2}, 0.40),
     "crossvit": ("crossvit_tiny_240", {}, 0.40),
     "davit": ("davit_tiny", {"depths": (1, 1, 1, 1)}, 0.40),
-    "eva": ("eva02_tiny_patch14_224", {"depth": 2}, 0.75),  # rotary attention: heads stay whole
+    "eva": ("eva02_tiny_patch14_224", {"depth": 2}, 0.65),  # rotary attention
     "hiera": ("sam2_hiera_tiny", {}, 0.40),
     "maxxvit": ("maxvit_pico_rw_256", {"depths": (1, 1, 1, 1)}, 0.40),
 }
