@@ -36,10 +36,6 @@ from fxslim.runtime.text import TokenRows, lm_batches, perplexity, tiny_llama, t
 LAYERS = 4
 
 
-def _params(m: torch.nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters())
-
-
 def _reloads(model: Any, x: torch.Tensor) -> str:
     import transformers
 
@@ -105,7 +101,7 @@ def _tp_child(state: dict, ratio: float, x: torch.Tensor, test: list, queue: Any
             ppl = perplexity(model, test)
         except Exception as exc:  # noqa: BLE001 - the outcome is the measurement
             ppl = f"does not run: {type(exc).__name__}"
-        queue.put({"seconds": seconds, "params": _params(model), "ppl": ppl, "reloads": _reloads(model, x)})
+        queue.put({"seconds": seconds, "params": fxslim.count_params(model), "ppl": ppl, "reloads": _reloads(model, x)})
     except Exception as exc:  # noqa: BLE001
         queue.put({"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"})
 
@@ -143,14 +139,14 @@ def main() -> None:
     test = lm_batches("test", n_batches=16, batch_size=16, seq_len=128, seed=0)
     calib = lm_batches("train", n_batches=8, batch_size=8, seq_len=128, seed=100)
     x = calib[0]["input_ids"][:1, :32]
-    n0, base = _params(model), perplexity(model, test)
+    n0, base = fxslim.count_params(model), perplexity(model, test)
     print(f"original: {LAYERS} layers, {n0} parameters, test perplexity {base:.3f}")
 
     rows = []
     t0 = time.perf_counter()
     small = fxslim.prune(model, {"input_ids": x}, ratio=args.ratio, importance="l2")
     t = time.perf_counter() - t0
-    rows.append(("fxslim.prune (L2)", f"{t:.2f}", _params(small) / n0, f"{perplexity(small, test):.2f}",
+    rows.append(("fxslim.prune (L2)", f"{t:.2f}", fxslim.count_params(small) / n0, f"{perplexity(small, test):.2f}",
                  _reloads(small, x)))
     print(rows[-1], flush=True)
     tp = torch_pruning_row(model.state_dict(), args.ratio, x, test, args.tp_timeout)
@@ -165,7 +161,7 @@ def main() -> None:
     t0 = time.perf_counter()
     deep = fxslim.prune_depth(model, calib, n_remove=LAYERS // 2)
     td = time.perf_counter() - t0
-    target = _params(deep.model) / n0
+    target = fxslim.count_params(deep.model) / n0
     t0 = time.perf_counter()
     wide = fxslim.prune(model, {"input_ids": x}, target_params=target,
                         importance=WandaImportance(calib))
@@ -178,7 +174,7 @@ def main() -> None:
         before = perplexity(m, test)
         fxslim.distill(TokenRows(m), TokenRows(model), train_rows, val_rows, epochs=1, lr=3e-3, alpha=1.0,
                        temperature=1.0, progress=False)
-        versus.append((name, f"{secs:.2f}", _params(m) / n0, f"{before:.2f}", f"{perplexity(m, test):.3f}"))
+        versus.append((name, f"{secs:.2f}", fxslim.count_params(m) / n0, f"{before:.2f}", f"{perplexity(m, test):.3f}"))
         print(versus[-1], flush=True)
     print(f"\nblock influence: {', '.join(f'{k} {v:.4f}' for k, v in deep.scores.items())}; removed {deep.removed}")
     print(f"\nTiny Llama ({LAYERS} layers, {n0} parameters, test perplexity {base:.3f}), ratio {args.ratio}:\n")

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -36,7 +35,7 @@ from fxslim.passes.lowrank import LowRankPass
 from fxslim.passes.policy import prune_to_macs
 from fxslim.passes.quantize import onnx_accuracy, quantize_onnx
 from fxslim.runtime.examples import DigitsResNet, accuracy, digits_splits, fit
-from fxslim.runtime.measure import count_macs, measure_latency, onnx_latency
+from fxslim.runtime.measure import count_macs, cpu_info, measure_latency, onnx_latency
 
 HEADS = {
     "resnet18": "fc",
@@ -67,17 +66,7 @@ class Bfloat16(torch.nn.Module):
 
 def cpu_line() -> str:
     """The CPU and the instruction sets that decide int8 and bf16 speed."""
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-        flags = next(
-            line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
-        ).split()
-    except (OSError, StopIteration):
-        flags = []
+    name, flags = cpu_info()
     have = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16") if f in flags]
     return f"{name}, {os.cpu_count()} cores; {', '.join(have) or 'no AVX2'}"
 

@@ -24,19 +24,13 @@ from bench.gpu import (  # the GPU section is written by `python -m bench.gpu` a
     BEGIN,
     END,
 )
+from fxslim.runtime.measure import cpu_info
 
 OUT = Path(__file__).with_name("README.md")
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_info()[0]
     versions = [f"torch {torch.__version__}"]
     for mod in ("torchvision", "onnxruntime", "onnx", "onnxsim", "torch_pruning"):
         try:

@@ -43,6 +43,7 @@ import torch
 
 from fxslim.errors import ArgumentError, ExportError
 from fxslim.passes.export import onnx_session, run_onnx
+from fxslim.runtime.measure import cpu_info
 from fxslim.utils import as_path, check_output_file, folders_made
 
 __all__ = ["QuantizeReport", "onnx_accuracy", "quantize_onnx"]
@@ -109,11 +110,10 @@ def _u8s8_saturates() -> bool:
     """An x86 CPU without VNNI (its int8 dot products go through 16-bit pair sums)."""
     if platform.machine().lower() not in ("x86_64", "amd64", "x86", "i686"):
         return False
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
+    flags = cpu_info()[1]
+    if not flags:
         return True  # unknown x86: the safe side
-    return not any(f in flags.split() for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    return not any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 def quantize_onnx(
