@@ -9,6 +9,15 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fxslim.graph.coupling import Builder
+from fxslim.graph.rules.attention import (
+    couple_mha,
+    couple_patch_merging_pad,
+    couple_relative_position_bias,
+    couple_window_attention,
+    fix_window_attention,
+    literal_dims_window_attention,
+    sync_mha,
+)
 from fxslim.graph.rules.base import Rule, register_rule
 from fxslim.graph.rules.common import elementwise, same_as_input
 from fxslim.graph.rules.layers import (
@@ -21,20 +30,14 @@ from fxslim.graph.rules.layers import (
     couple_instancenorm,
     couple_layernorm,
     couple_linear,
-    couple_mha,
-    couple_patch_merging_pad,
     couple_prelu,
-    couple_relative_position_bias,
     couple_stat_dim,
-    couple_window_attention,
     fix_conv_groups,
     fix_group_norm_fn,
     fix_layer_norm_fn,
-    fix_window_attention,
     literal_dims_conv,
     literal_dims_group_norm,
     literal_dims_layer_norm,
-    literal_dims_window_attention,
     sync_batchnorm,
     sync_conv,
     sync_conv_transpose,
@@ -42,7 +45,6 @@ from fxslim.graph.rules.layers import (
     sync_groupnorm,
     sync_layernorm,
     sync_linear,
-    sync_mha,
     sync_prelu,
 )
 from fxslim.graph.rules.operands import FUNCTION_ARGS
