@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from fxslim._args import check_module
 from fxslim.errors import PassContractError, TraceError
 from fxslim.graph.shapes import propagate_shapes
 from fxslim.graph.trace import compile_now, copy_structure, trace
@@ -22,6 +23,7 @@ __all__ = ["as_graph", "finish", "module_of", "only_user", "set_module", "start"
 
 def as_graph(model: nn.Module, example_inputs: Any = None) -> fx.GraphModule:
     """`model` itself when it is a GraphModule, else its `fxslim.trace` (inputs needed)."""
+    check_module("model", model)
     if isinstance(model, fx.GraphModule):
         return model
     if example_inputs is None:

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -152,7 +152,12 @@ def block_influence(model: nn.Module, calib: Iterable[Any], blocks: Sequence[str
     try:
         with torch.no_grad():
             for batch in calib:
-                as_inputs(batch).call(model)
+                xs = as_inputs(batch)
+                try:
+                    xs.call(model)
+                except Exception as exc:  # the user's batch does not fit the model: say which
+                    raise ArgumentError(f"calib batch {n} {xs.describe()} does not run the model: "
+                                        f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
                 n += 1
     finally:
         for h in handles:
@@ -268,6 +273,9 @@ def prune_depth(
         )
     if (n_remove is None) == (ratio is None):
         raise ArgumentError("give exactly one of n_remove (a count) and ratio (a share of the blocks)")
+    if isinstance(calib, (torch.Tensor, Mapping)) or not isinstance(calib, Iterable):
+        raise ArgumentError(f"calib must be a list of batches (each a model input), got a {type(calib).__name__}: "
+                            "wrap one batch in a list")
     calib = list(calib)
     if not calib:
         raise ArgumentError("calib holds no batches: block influence needs at least one")

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from fxslim._args import positive_int
 from fxslim.passes._rewrite import as_graph, finish, start
 from fxslim.passes.base import Pass, PassResult
 
@@ -141,7 +142,7 @@ class FoldConstantsPass(Pass):
     """
 
     def __init__(self, max_elements: int = 1 << 24):
-        self.max_elements = max_elements
+        self.max_elements = positive_int("max_elements", max_elements)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         new = start(gm)

@@ -112,6 +112,11 @@ def test_bad_requests_are_typed():
         prune_depth(model, [], n_remove=1)
     with pytest.raises(ArgumentError, match="no module 'model.layer'"):
         prune_depth(model, calib, n_remove=1, blocks="model.layer")
+    with pytest.raises(ArgumentError, match="list of batches"):  # one batch, not a list of them
+        prune_depth(model, calib[0]["input_ids"], n_remove=1)
+    with pytest.raises(ArgumentError, match="calib batch 0 .* does not run the model"):
+        prune_depth(model, [{"pixel_values": torch.randn(1, 3, 8, 8)}], n_remove=1)
+    assert model.config.num_hidden_layers == 2 and len(model.model.layers) == 2  # untouched
     x = torch.randn(1, 3, 32, 32)
     with pytest.raises(ArgumentError, match="not a GraphModule"):
         prune_depth(fxslim.trace(torchvision.models.resnet18().eval(), x), [x], n_remove=1)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxslim
+from fxslim.errors import ArgumentError
 from fxslim.passes.fold_constants import FoldConstantsPass, fold_constants
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -136,3 +137,10 @@ def test_timm_swin_relative_position_bias_and_round_trip(tmp_path):
         f"folded_{n}" for n in res.info["folded"]
     ]
     assert fold_constants(model, x).meta["fxslim_history"][-1]["pass"] == "fold_constants"
+
+
+def test_bad_requests_are_typed():
+    with pytest.raises(ArgumentError, match="max_elements must be a positive int"):
+        FoldConstantsPass(max_elements=0)
+    with pytest.raises(ArgumentError, match="model must be a torch.nn.Module"):
+        fold_constants("model", torch.randn(1, 6))
